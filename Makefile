@@ -1,0 +1,93 @@
+# Everything a developer or CI runs. `make test` is the test command CI calls.
+CARGO ?= cargo
+
+.PHONY: all build cluster chaos chaos-smoke image compose-up compose-down compose-test k8s-validate python-deps test fmt fmt-check lint doc verify bench clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+## Three replicas on loopback (127.0.0.1:7001-7003), data under ./data, in the
+## foreground with their logs; Ctrl-C stops them all.
+cluster:
+	scripts/cluster.sh
+
+IMAGE ?= dispatcher:dev
+COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+
+## The container image (FROM scratch around our release binaries and the libraries they link).
+image:
+	$(CARGO) build --release --bins
+	deploy/image/build-rootfs.sh target/release target/image/rootfs
+	docker build -t $(IMAGE) -f deploy/Dockerfile target/image/rootfs
+
+## Three replicas and two TaskManagers in Docker (host endpoints 127.0.0.1:7101-7103).
+compose-up:
+	DISPATCHER_IMAGE=$(IMAGE) $(COMPOSE) -p dispatcher -f deploy/compose.yaml up -d
+
+compose-down:
+	DISPATCHER_IMAGE=$(IMAGE) $(COMPOSE) -p dispatcher -f deploy/compose.yaml down -v --remove-orphans
+
+## The compose cluster under docker kill, network disconnect, rolling and full restarts.
+compose-test:
+	DISPATCHER_IMAGE=$(IMAGE) deploy/compose-test.sh
+
+PYENV := target/pyenv
+
+## Validates deploy/kubernetes against the Kubernetes 1.30 schemas (offline, strict).
+k8s-validate: $(PYENV)/.k8s-installed
+	$(PYENV)/bin/kubernetes-validate --strict -k 1.30.0 deploy/kubernetes/*.yaml
+
+$(PYENV)/.k8s-installed: $(PYENV)/.installed deploy/kubernetes/requirements.txt
+	$(PYENV)/bin/pip install --quiet --disable-pip-version-check -r deploy/kubernetes/requirements.txt
+	touch $@
+
+## A Python virtualenv with grpcio, for the interoperability test (PyPI).
+python-deps: $(PYENV)/.installed
+
+$(PYENV)/.installed: tests/python/requirements.txt
+	python3 -m venv $(PYENV)
+	$(PYENV)/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+	touch $@
+
+## Every test of the workspace: unit, property (256+ cases each), raft, end-to-end,
+## then a short chaos run with a fixed seed so the harness cannot rot.
+test: python-deps
+	DISPATCHER_PYTHON=$(CURDIR)/$(PYENV)/bin/python $(CARGO) test --workspace --all-targets
+	$(MAKE) chaos-smoke
+
+fmt:
+	$(CARGO) fmt --all
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+doc:
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
+
+## Read-only gate: formatting, lints, tests and docs.
+verify: fmt-check lint test doc
+
+## A chaos campaign: every nemesis, seeds 1-10, 3 minutes each (real processes).
+chaos:
+	$(CARGO) build --bins
+	$(CARGO) run -p chaos -- campaign --seeds 10 --duration 180 --nemesis all --out target/chaos
+
+## A short chaos run with a fixed seed (about 90 s).
+chaos-smoke:
+	$(CARGO) build --bins
+	$(CARGO) run -p chaos -- run --seed 1 --duration 30 --nemesis all --out target/chaos-smoke
+
+## Benchmarks: state-machine apply and placement (criterion), durable log appends, and
+## failover of a real three-replica cluster (kill -9 of the leader). They print figures.
+bench:
+	$(CARGO) bench --bench apply
+	$(CARGO) bench --bench storage
+	$(CARGO) bench --bench failover
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,297 @@
+//! The cluster under test: `dispatcher` replicas and `taskmanager` agents as real
+//! processes on loopback, each replica with its own data directory, and a proxy on every
+//! directed replica-to-replica link.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::proxy::{LinkMode, Proxy};
+
+/// Where the binaries are: `CHAOS_BIN_DIR`, else next to this executable.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("CHAOS_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("target/debug"))
+}
+
+/// A process we started.
+pub struct Proc {
+    /// Arguments to start it again.
+    pub args: Vec<String>,
+    /// Its log file.
+    pub log: PathBuf,
+    child: Option<Child>,
+    /// Whether it is stopped with SIGSTOP.
+    pub paused: bool,
+}
+
+impl Proc {
+    fn spawn(&mut self, program: &Path) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(program)
+            .args(&self.args)
+            .env("DISPATCHER_LOG", "info,openraft=warn")
+            .env("TASKMANAGER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Whether it runs.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(c.id().to_string())
+                .status();
+        }
+    }
+
+    fn kill(&mut self) {
+        self.signal("CONT");
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.paused = false;
+    }
+}
+
+/// The whole system under test.
+pub struct Cluster {
+    /// Working directory (data, logs, TaskManager work directories).
+    pub dir: PathBuf,
+    /// Replica id -> client address.
+    pub addrs: BTreeMap<u64, String>,
+    /// Replicas.
+    pub replicas: BTreeMap<u64, Proc>,
+    /// TaskManagers.
+    pub task_managers: BTreeMap<String, Proc>,
+    /// Directed link (from, to) -> its proxy.
+    pub links: BTreeMap<(u64, u64), Proxy>,
+}
+
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let ls: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    Ok(ls
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0))
+        .collect())
+}
+
+impl Cluster {
+    /// Starts `replicas` replicas (behind link proxies) and `tms` TaskManagers.
+    pub async fn start(
+        dir: &Path,
+        replicas: u64,
+        tms: usize,
+        seed: u64,
+    ) -> anyhow::Result<Cluster> {
+        let ports = free_ports(replicas as usize)?;
+        let addrs: BTreeMap<u64, String> = (1..=replicas)
+            .map(|id| (id, format!("127.0.0.1:{}", ports[(id - 1) as usize])))
+            .collect();
+        let mut links = BTreeMap::new();
+        for from in 1..=replicas {
+            for to in 1..=replicas {
+                if from != to {
+                    let proxy = Proxy::start(addrs[&to].clone(), seed ^ (from << 8) ^ to).await?;
+                    links.insert((from, to), proxy);
+                }
+            }
+        }
+        let initial = addrs
+            .iter()
+            .map(|(id, a)| format!("{id}={a}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Cluster {
+            dir: dir.to_path_buf(),
+            addrs: addrs.clone(),
+            replicas: BTreeMap::new(),
+            task_managers: BTreeMap::new(),
+            links,
+        };
+        for id in 1..=replicas {
+            let peers = (1..=replicas)
+                .filter(|p| *p != id)
+                .map(|p| format!("{p}=127.0.0.1:{}", c.links[&(id, p)].port))
+                .collect::<Vec<_>>()
+                .join(",");
+            let args = vec![
+                "--id".into(),
+                id.to_string(),
+                "--listen".into(),
+                addrs[&id].clone(),
+                "--data-dir".into(),
+                dir.join(format!("data/{id}")).display().to_string(),
+                "--initial-cluster".into(),
+                initial.clone(),
+                "--peer-addresses".into(),
+                peers,
+            ];
+            let mut p = Proc {
+                args,
+                log: dir.join(format!("replica-{id}.log")),
+                child: None,
+                paused: false,
+            };
+            p.spawn(&bin_dir().join("dispatcher"))?;
+            c.replicas.insert(id, p);
+        }
+        let endpoints = addrs.values().cloned().collect::<Vec<_>>().join(",");
+        for n in 1..=tms {
+            let id = format!("tm-{n}");
+            let args = vec![
+                "--id".into(),
+                id.clone(),
+                "--slots".into(),
+                "8".into(),
+                "--dispatchers".into(),
+                endpoints.clone(),
+                "--work-dir".into(),
+                dir.join(format!("tm/{id}")).display().to_string(),
+                "--kill-grace-ms".into(),
+                "500".into(),
+            ];
+            let mut p = Proc {
+                args,
+                log: dir.join(format!("{id}.log")),
+                child: None,
+                paused: false,
+            };
+            p.spawn(&bin_dir().join("taskmanager"))?;
+            c.task_managers.insert(id, p);
+        }
+        Ok(c)
+    }
+
+    /// kill -9 of a replica.
+    pub fn kill_replica(&mut self, id: u64) {
+        if let Some(p) = self.replicas.get_mut(&id) {
+            p.kill();
+        }
+    }
+
+    /// Restarts a replica from its data directory.
+    pub fn start_replica(&mut self, id: u64) -> anyhow::Result<()> {
+        match self.replicas.get_mut(&id) {
+            Some(p) if !p.running() => p.spawn(&bin_dir().join("dispatcher")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes a stopped replica's data directory.
+    pub fn wipe_replica(&mut self, id: u64) -> anyhow::Result<()> {
+        let dir = self.dir.join(format!("data/{id}"));
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        Ok(())
+    }
+
+    /// Starts a replica on an empty directory as a new member: without
+    /// `--initial-cluster`, so it waits to be added instead of bootstrapping.
+    pub fn start_fresh_replica(&mut self, id: u64) -> anyhow::Result<()> {
+        let Some(p) = self.replicas.get_mut(&id) else {
+            return Ok(());
+        };
+        if let Some(i) = p.args.iter().position(|a| a == "--initial-cluster") {
+            p.args.drain(i..i + 2);
+        }
+        p.spawn(&bin_dir().join("dispatcher"))
+    }
+
+    /// SIGSTOP / SIGCONT of a replica.
+    pub fn pause_replica(&mut self, id: u64, paused: bool) {
+        if let Some(p) = self.replicas.get_mut(&id) {
+            p.signal(if paused { "STOP" } else { "CONT" });
+            p.paused = paused;
+        }
+    }
+
+    /// kill -9 of a TaskManager.
+    pub fn kill_tm(&mut self, id: &str) {
+        if let Some(p) = self.task_managers.get_mut(id) {
+            p.kill();
+        }
+    }
+
+    /// Restarts a TaskManager.
+    pub fn start_tm(&mut self, id: &str) -> anyhow::Result<()> {
+        match self.task_managers.get_mut(id) {
+            Some(p) if !p.running() => p.spawn(&bin_dir().join("taskmanager")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sets both directions between `a` and `b`.
+    pub fn set_link(&self, a: u64, b: u64, mode: LinkMode) {
+        for key in [(a, b), (b, a)] {
+            if let Some(p) = self.links.get(&key) {
+                p.set(mode);
+            }
+        }
+    }
+
+    /// Every link back to normal, every process resumed and running.
+    pub fn heal(&mut self) -> anyhow::Result<()> {
+        for p in self.links.values() {
+            p.set(LinkMode::Pass);
+        }
+        let ids: Vec<u64> = self.replicas.keys().copied().collect();
+        for id in ids {
+            self.pause_replica(id, false);
+            self.start_replica(id)?;
+        }
+        let tms: Vec<String> = self.task_managers.keys().cloned().collect();
+        for id in tms {
+            self.start_tm(&id)?;
+        }
+        Ok(())
+    }
+
+    /// Client endpoints.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.addrs.values().cloned().collect()
+    }
+
+    /// Stops everything.
+    pub fn stop_all(&mut self) {
+        for p in self.task_managers.values_mut() {
+            p.kill();
+        }
+        for p in self.replicas.values_mut() {
+            p.kill();
+        }
+    }
+
+    /// The TaskManager work directory of `id`.
+    pub fn tm_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("tm/{id}"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}

@@ -1,0 +1,243 @@
+//! Faults, scheduled from the seed: which fault, on which replica or link, when and for
+//! how long are all drawn from one RNG, so a seed replays the same schedule.
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+use crate::cluster::Cluster;
+use crate::proxy::LinkMode;
+
+/// A kind of fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub enum Kind {
+    /// kill -9 of the leader, restarted at the heal.
+    KillLeader,
+    /// kill -9 of a random replica.
+    KillReplica,
+    /// SIGSTOP of the leader (a hung host), SIGCONT at the heal.
+    PauseLeader,
+    /// SIGSTOP of a random replica.
+    PauseReplica,
+    /// The leader cut off from every other replica.
+    IsolateLeader,
+    /// A minority cut off from the majority.
+    SplitMinority,
+    /// One replica sees both sides; the two sides do not see each other.
+    Bridge,
+    /// Every link slowed down.
+    SlowLinks,
+    /// Every link drops connections at random.
+    FlakyLinks,
+    /// Links to one replica stall without closing.
+    StallReplica,
+    /// kill -9 of a TaskManager, restarted at the heal.
+    KillTaskManager,
+    /// kill -9 of every replica at once, then all restart.
+    CrashAll,
+    /// Membership churn: a replica is removed from the cluster, wiped, started afresh
+    /// and added back as a learner, then promoted to voter.
+    Churn,
+}
+
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 13] = [
+        Kind::KillLeader,
+        Kind::KillReplica,
+        Kind::PauseLeader,
+        Kind::PauseReplica,
+        Kind::IsolateLeader,
+        Kind::SplitMinority,
+        Kind::Bridge,
+        Kind::SlowLinks,
+        Kind::FlakyLinks,
+        Kind::StallReplica,
+        Kind::KillTaskManager,
+        Kind::CrashAll,
+        Kind::Churn,
+    ];
+
+    /// Parses `kill`, `pause`, `partition`, `links`, `taskmanager`, `crash`, `all`, or a
+    /// kind's name in snake case.
+    pub fn parse_list(raw: &str) -> Result<Vec<Kind>, String> {
+        let mut out = Vec::new();
+        for part in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let kinds: &[Kind] = match part {
+                "all" => &Kind::ALL,
+                "kill" => &[Kind::KillLeader, Kind::KillReplica],
+                "pause" => &[Kind::PauseLeader, Kind::PauseReplica],
+                "partition" => &[Kind::IsolateLeader, Kind::SplitMinority, Kind::Bridge],
+                "links" => &[Kind::SlowLinks, Kind::FlakyLinks, Kind::StallReplica],
+                "taskmanager" => &[Kind::KillTaskManager],
+                "crash" => &[Kind::CrashAll],
+                "membership" => &[Kind::Churn],
+                other => {
+                    let k = Kind::ALL
+                        .iter()
+                        .find(|k| snake(&format!("{k:?}")) == other)
+                        .ok_or_else(|| format!("unknown nemesis {other:?}"))?;
+                    std::slice::from_ref(k)
+                }
+            };
+            out.extend_from_slice(kinds);
+        }
+        out.sort();
+        out.dedup();
+        if out.is_empty() {
+            return Err("no nemesis selected".into());
+        }
+        Ok(out)
+    }
+}
+
+fn snake(camel: &str) -> String {
+    let mut s = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            s.push('_');
+        }
+        s.push(c.to_ascii_lowercase());
+    }
+    s
+}
+
+/// One injected fault, for the history.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Fault {
+    /// Milliseconds since the run started.
+    pub at_ms: u64,
+    /// Which fault.
+    pub kind: Kind,
+    /// On what (replica ids, TaskManager id).
+    pub target: String,
+    /// How long it was held.
+    pub held_ms: u64,
+}
+
+/// Applies one fault drawn from `kinds`; returns what it did. `leader` is the current
+/// leader, if known.
+pub fn inject(
+    c: &mut Cluster,
+    rng: &mut StdRng,
+    kinds: &[Kind],
+    leader: Option<u64>,
+) -> anyhow::Result<(Kind, String)> {
+    let kind = *kinds.choose(rng).unwrap_or(&Kind::KillReplica);
+    let ids: Vec<u64> = c.replicas.keys().copied().collect();
+    let random = *ids.choose(rng).unwrap_or(&1);
+    let leader_or_random = leader.unwrap_or(random);
+    let target = match kind {
+        Kind::KillLeader => {
+            c.kill_replica(leader_or_random);
+            leader_or_random.to_string()
+        }
+        Kind::KillReplica => {
+            c.kill_replica(random);
+            random.to_string()
+        }
+        Kind::PauseLeader => {
+            c.pause_replica(leader_or_random, true);
+            leader_or_random.to_string()
+        }
+        Kind::PauseReplica => {
+            c.pause_replica(random, true);
+            random.to_string()
+        }
+        Kind::IsolateLeader => {
+            for other in ids.iter().filter(|o| **o != leader_or_random) {
+                c.set_link(leader_or_random, *other, LinkMode::Cut);
+            }
+            leader_or_random.to_string()
+        }
+        Kind::SplitMinority => {
+            let mut shuffled = ids.clone();
+            shuffled.shuffle(rng);
+            let minority = &shuffled[..(ids.len() - 1) / 2];
+            for a in minority {
+                for b in shuffled.iter().filter(|b| !minority.contains(b)) {
+                    c.set_link(*a, *b, LinkMode::Cut);
+                }
+            }
+            format!("{minority:?}")
+        }
+        Kind::Bridge => {
+            let mut shuffled = ids.clone();
+            shuffled.shuffle(rng);
+            let bridge = shuffled[0];
+            let rest = &shuffled[1..];
+            let (left, right) = rest.split_at(rest.len() / 2);
+            for a in left {
+                for b in right {
+                    c.set_link(*a, *b, LinkMode::Cut);
+                }
+            }
+            format!("bridge {bridge}: {left:?} | {right:?}")
+        }
+        Kind::SlowLinks => {
+            let ms = rng.gen_range(5..60);
+            for p in c.links.values() {
+                p.set(LinkMode::Slow(ms));
+            }
+            format!("{ms} ms")
+        }
+        Kind::FlakyLinks => {
+            let pct = rng.gen_range(2..20);
+            for p in c.links.values() {
+                p.set(LinkMode::Flaky(pct));
+            }
+            format!("{pct}%")
+        }
+        Kind::StallReplica => {
+            for other in ids.iter().filter(|o| **o != random) {
+                c.set_link(random, *other, LinkMode::Stall);
+            }
+            random.to_string()
+        }
+        Kind::KillTaskManager => {
+            let tms: Vec<String> = c.task_managers.keys().cloned().collect();
+            let tm = tms.choose(rng).cloned().unwrap_or_default();
+            c.kill_tm(&tm);
+            tm
+        }
+        Kind::CrashAll => {
+            for id in &ids {
+                c.kill_replica(*id);
+            }
+            "all".into()
+        }
+        // Done by the runner, which talks to the cluster (see `churn`).
+        Kind::Churn => random.to_string(),
+    };
+    Ok((kind, target))
+}
+
+/// Membership churn of replica `id`: remove it, wipe it, start it afresh (never
+/// bootstrapping) and add it back as a voter. Returns what happened.
+pub async fn churn(c: &mut Cluster, client: &dispatcher::client::Client, id: u64) -> String {
+    if let Err(e) = client.remove_node(id).await {
+        return format!("remove {id} refused: {e}");
+    }
+    c.kill_replica(id);
+    if let Err(e) = c.wipe_replica(id) {
+        return format!("wipe {id}: {e}");
+    }
+    if let Err(e) = c.start_fresh_replica(id) {
+        return format!("restart {id}: {e}");
+    }
+    let addr = c.addrs[&id].clone();
+    match client.add_node(id, &addr, true).await {
+        Ok(_) => format!("replica {id} removed, wiped and added back"),
+        Err(e) => format!("replica {id} removed; add back failed: {e}"),
+    }
+}
+
+/// How long a fault is held, and the pause before the next.
+pub fn timings(rng: &mut StdRng) -> (Duration, Duration) {
+    (
+        Duration::from_millis(rng.gen_range(800..4000)),
+        Duration::from_millis(rng.gen_range(500..2500)),
+    )
+}

@@ -1,0 +1,435 @@
+//! The replica's configuration: command-line flags, `DISPATCHER_*` environment variables
+//! and an optional TOML file, in that order of precedence, validated at start-up with
+//! messages that name the bad setting.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::raft::replica::RaftSettings;
+use crate::raft::NodeId;
+
+/// A configuration problem, naming the setting or the file and line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file cannot be read or parsed.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (TOML errors name the line and column).
+        message: String,
+    },
+    /// A setting is missing or invalid.
+    #[error("invalid setting {setting}: {reason}")]
+    Invalid {
+        /// The setting, as a flag name.
+        setting: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        reason: reason.into(),
+    }
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of the `dispatcher` binary. Every flag can also come from a `DISPATCHER_*`
+/// environment variable or from the `--config` file (flag > environment > file).
+#[derive(Debug, Default, Parser)]
+#[command(
+    name = "dispatcher",
+    version,
+    about = "A Raft-replicated job dispatcher replica"
+)]
+pub struct Args {
+    /// TOML configuration file; its keys are the flag names with underscores.
+    #[arg(long, env = "DISPATCHER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This replica's id (a positive integer, unique in the cluster).
+    #[arg(long, env = "DISPATCHER_ID")]
+    pub id: Option<NodeId>,
+    /// Address to listen on for gRPC (clients, TaskManagers and peers).
+    #[arg(long, env = "DISPATCHER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address peers and clients reach this replica at (default: its --initial-cluster
+    /// entry, else --listen).
+    #[arg(long, env = "DISPATCHER_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Data directory (sled log and snapshots).
+    #[arg(long, env = "DISPATCHER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Members of a new cluster: `1=host:port,2=host:port,3=host:port`. Used only when
+    /// the data directory is new; a replica with data never re-initialises.
+    #[arg(long, env = "DISPATCHER_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// Cluster name, recorded in the data directory; a directory of another cluster is
+    /// refused.
+    #[arg(long, env = "DISPATCHER_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// Leader heartbeat period in milliseconds.
+    #[arg(long, env = "DISPATCHER_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Lower bound of the election timeout in milliseconds.
+    #[arg(long, env = "DISPATCHER_ELECTION_TIMEOUT_MIN_MS")]
+    pub election_timeout_min_ms: Option<u64>,
+    /// Upper bound of the election timeout in milliseconds.
+    #[arg(long, env = "DISPATCHER_ELECTION_TIMEOUT_MAX_MS")]
+    pub election_timeout_max_ms: Option<u64>,
+    /// Build a snapshot after this many log entries.
+    #[arg(long, env = "DISPATCHER_SNAPSHOT_AFTER_LOGS")]
+    pub snapshot_after_logs: Option<u64>,
+    /// Log format.
+    #[arg(long, env = "DISPATCHER_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Reach replica ID at HOST:PORT instead of its advertised address (a NAT or port
+    /// forward between replicas): `2=10.0.0.7:17002,3=...`.
+    #[arg(long, env = "DISPATCHER_PEER_ADDRESSES")]
+    pub peer_addresses: Option<String>,
+    /// Disaster recovery: seed a NEW cluster with this backup (`dispatchctl cluster
+    /// snapshot save`). Only on the bootstrapping replica (lowest id of
+    /// --initial-cluster) with an empty data directory.
+    #[arg(long, env = "DISPATCHER_RESTORE")]
+    pub restore: Option<PathBuf>,
+}
+
+/// The `--config` file: the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    id: Option<NodeId>,
+    listen: Option<SocketAddr>,
+    advertise: Option<String>,
+    data_dir: Option<PathBuf>,
+    initial_cluster: Option<String>,
+    cluster_name: Option<String>,
+    heartbeat_ms: Option<u64>,
+    election_timeout_min_ms: Option<u64>,
+    election_timeout_max_ms: Option<u64>,
+    snapshot_after_logs: Option<u64>,
+    log_format: Option<LogFormat>,
+    peer_addresses: Option<String>,
+}
+
+/// A validated replica configuration.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Replica id.
+    pub id: NodeId,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Address others reach this replica at.
+    pub advertise: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Members of a new cluster.
+    pub initial_cluster: BTreeMap<NodeId, String>,
+    /// Cluster name.
+    pub cluster_name: String,
+    /// Raft timing and snapshots.
+    pub raft: RaftSettings,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// A backup to seed a new cluster with.
+    pub restore: Option<PathBuf>,
+    /// Per-peer address overrides.
+    pub peer_addresses: BTreeMap<NodeId, String>,
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_initial_cluster(raw: &str) -> Result<BTreeMap<NodeId, String>, ConfigError> {
+    let mut members = BTreeMap::new();
+    for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (id, addr) = item
+            .split_once('=')
+            .ok_or_else(|| invalid("--initial-cluster", format!("{item:?} is not ID=HOST:PORT")))?;
+        let id: NodeId = id.trim().parse().map_err(|_| {
+            invalid(
+                "--initial-cluster",
+                format!("{id:?} in {item:?} is not a replica id"),
+            )
+        })?;
+        if id == 0 {
+            return Err(invalid("--initial-cluster", "replica ids start at 1"));
+        }
+        let addr = addr.trim();
+        if addr
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return Err(invalid(
+                "--initial-cluster",
+                format!("{addr:?} (replica {id}) is not HOST:PORT"),
+            ));
+        }
+        if members.insert(id, addr.to_string()).is_some() {
+            return Err(invalid(
+                "--initial-cluster",
+                format!("replica {id} is listed twice"),
+            ));
+        }
+    }
+    Ok(members)
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+impl Args {
+    /// Merges flags (and environment) over the config file and defaults, and validates.
+    pub fn into_config(self) -> Result<ServerConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let defaults = RaftSettings::default();
+        let id = self
+            .id
+            .or(file.id)
+            .ok_or_else(|| invalid("--id", "is required"))?;
+        let listen = self
+            .listen
+            .or(file.listen)
+            .ok_or_else(|| invalid("--listen", "is required"))?;
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .ok_or_else(|| invalid("--data-dir", "is required"))?;
+        let initial_cluster = match self.initial_cluster.or(file.initial_cluster) {
+            Some(raw) => parse_initial_cluster(&raw)?,
+            None => BTreeMap::new(),
+        };
+        let advertise = self
+            .advertise
+            .or(file.advertise)
+            .or_else(|| initial_cluster.get(&id).cloned())
+            .unwrap_or_else(|| listen.to_string());
+        let config = ServerConfig {
+            id,
+            listen,
+            advertise,
+            data_dir,
+            initial_cluster,
+            cluster_name: self
+                .cluster_name
+                .or(file.cluster_name)
+                .unwrap_or_else(|| "dispatcher".into()),
+            raft: RaftSettings {
+                heartbeat_ms: self
+                    .heartbeat_ms
+                    .or(file.heartbeat_ms)
+                    .unwrap_or(defaults.heartbeat_ms),
+                election_timeout_min_ms: self
+                    .election_timeout_min_ms
+                    .or(file.election_timeout_min_ms)
+                    .unwrap_or(defaults.election_timeout_min_ms),
+                election_timeout_max_ms: self
+                    .election_timeout_max_ms
+                    .or(file.election_timeout_max_ms)
+                    .unwrap_or(defaults.election_timeout_max_ms),
+                snapshot_after_logs: self
+                    .snapshot_after_logs
+                    .or(file.snapshot_after_logs)
+                    .unwrap_or(defaults.snapshot_after_logs),
+                ..defaults
+            },
+            log_format: self
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
+            restore: self.restore,
+            peer_addresses: match self.peer_addresses.or(file.peer_addresses) {
+                Some(raw) => parse_initial_cluster(&raw).map_err(|_| {
+                    invalid(
+                        "--peer-addresses",
+                        format!("{raw:?} is not ID=HOST:PORT,..."),
+                    )
+                })?,
+                None => BTreeMap::new(),
+            },
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl ServerConfig {
+    /// Checks the settings against each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id == 0 {
+            return Err(invalid("--id", "replica ids start at 1"));
+        }
+        if !self.initial_cluster.is_empty() && !self.initial_cluster.contains_key(&self.id) {
+            return Err(invalid(
+                "--initial-cluster",
+                format!("does not list this replica's id {}", self.id),
+            ));
+        }
+        if let Some(listed) = self.initial_cluster.get(&self.id) {
+            if *listed != self.advertise {
+                return Err(invalid(
+                    "--advertise",
+                    format!(
+                        "{} differs from this replica's --initial-cluster entry {listed}; peers and clients use the latter",
+                        self.advertise
+                    ),
+                ));
+            }
+        }
+        if self.cluster_name.trim().is_empty() {
+            return Err(invalid("--cluster-name", "must not be empty"));
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 {
+            return Err(invalid("--heartbeat-ms", "must be positive"));
+        }
+        if r.election_timeout_min_ms < 2 * r.heartbeat_ms {
+            return Err(invalid(
+                "--election-timeout-min-ms",
+                format!(
+                    "{} must be at least twice the heartbeat ({} ms), or followers start elections under a live leader",
+                    r.election_timeout_min_ms, r.heartbeat_ms
+                ),
+            ));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(invalid(
+                "--election-timeout-max-ms",
+                "must be greater than --election-timeout-min-ms",
+            ));
+        }
+        if r.snapshot_after_logs == 0 {
+            return Err(invalid("--snapshot-after-logs", "must be positive"));
+        }
+        r.to_openraft(&self.cluster_name)
+            .map_err(|e| invalid("raft settings", e))?;
+        if self.restore.is_some() {
+            if self.initial_cluster.keys().next() != Some(&self.id) {
+                return Err(invalid(
+                    "--restore",
+                    "only the replica that bootstraps the new cluster (the lowest id of --initial-cluster) restores",
+                ));
+            }
+            if self.data_dir.join("raft").exists() {
+                return Err(invalid(
+                    "--restore",
+                    format!(
+                        "{} already holds data; a backup only seeds a new cluster",
+                        self.data_dir.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> Args {
+        Args {
+            id: Some(1),
+            listen: Some("127.0.0.1:7001".parse().expect("addr")),
+            data_dir: Some("data/1".into()),
+            initial_cluster: Some("1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003".into()),
+            ..Args::default()
+        }
+    }
+
+    #[test]
+    fn flags_make_a_config_with_defaults_and_the_advertised_address_from_the_cluster() {
+        let c = args().into_config().expect("valid");
+        assert_eq!(c.initial_cluster.len(), 3);
+        assert_eq!(c.advertise, "127.0.0.1:7001");
+        assert_eq!(c.raft, RaftSettings::default());
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let msg = |a: Args| a.into_config().expect_err("invalid").to_string();
+        assert!(msg(Args { id: None, ..args() }).contains("--id"));
+        assert!(msg(Args {
+            id: Some(4),
+            ..args()
+        })
+        .contains("--initial-cluster"));
+        let m = msg(Args {
+            initial_cluster: Some("1=127.0.0.1:7001,x=y".into()),
+            ..args()
+        });
+        assert!(m.contains("--initial-cluster") && m.contains("x=y"), "{m}");
+        let m = msg(Args {
+            election_timeout_min_ms: Some(80),
+            ..args()
+        });
+        assert!(m.contains("--election-timeout-min-ms"), "{m}");
+        let m = msg(Args {
+            advertise: Some("10.0.0.9:7001".into()),
+            ..args()
+        });
+        assert!(m.contains("--advertise"), "{m}");
+    }
+
+    #[test]
+    fn a_config_file_fills_in_and_flags_win_and_errors_name_the_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("replica.toml");
+        std::fs::write(
+            &path,
+            "id = 2\nheartbeat_ms = 50\nelection_timeout_min_ms = 200\n",
+        )
+        .expect("write");
+        let c = Args {
+            id: None,
+            config: Some(path.clone()),
+            initial_cluster: None,
+            ..args()
+        }
+        .into_config()
+        .expect("valid");
+        assert_eq!((c.id, c.raft.heartbeat_ms), (2, 50));
+        let c = Args {
+            config: Some(path.clone()),
+            initial_cluster: None,
+            ..args()
+        }
+        .into_config()
+        .expect("valid");
+        assert_eq!(c.id, 1, "the flag wins over the file");
+        std::fs::write(&path, "id = 2\nheartbeat = 50\n").expect("write");
+        let m = Args {
+            config: Some(path),
+            ..args()
+        }
+        .into_config()
+        .expect_err("unknown key")
+        .to_string();
+        assert!(m.contains("replica.toml") && m.contains("line 2"), "{m}");
+    }
+}

@@ -1,0 +1,403 @@
+//! The commands the replicated log carries, the responses `apply` gives, and the typed
+//! rejections for commands that change nothing.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{
+    Attempt, JobId, JobSpec, JobState, Millis, PlacementStrategy, TaskKey, TaskManagerId,
+    TaskManagerSpec, TaskState,
+};
+
+/// Cluster-wide settings, replicated like everything else (SetClusterConfig).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    /// Placement strategy of jobs that do not choose one.
+    pub default_placement: PlacementStrategy,
+    /// Largest parallelism of one vertex.
+    pub max_parallelism: u32,
+    /// Largest number of subtasks in one job.
+    pub max_tasks_per_job: u32,
+    /// Largest number of vertices in one job.
+    pub max_vertices: u32,
+    /// Largest number of edges in one job.
+    pub max_edges: u32,
+    /// Longest name, label, argument or environment string, in bytes.
+    pub max_string_len: u32,
+    /// Most entries in any one map or argv (labels, env, selector, argv).
+    pub max_list_len: u32,
+    /// Most slots one TaskManager may register.
+    pub max_slots_per_task_manager: u32,
+    /// Completed checkpoints kept per job (Flink's `state.checkpoints.num-retained`).
+    pub max_retained_checkpoints: u32,
+    /// How long a terminal job stays in the registry before PurgeFinishedJobs removes it.
+    pub finished_job_retention_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            default_placement: PlacementStrategy::Spread,
+            max_parallelism: 1024,
+            max_tasks_per_job: 4096,
+            max_vertices: 256,
+            max_edges: 1024,
+            max_string_len: 4096,
+            max_list_len: 256,
+            max_slots_per_task_manager: 1024,
+            max_retained_checkpoints: 3,
+            finished_job_retention_ms: 60 * 60 * 1000,
+        }
+    }
+}
+
+/// A report of one task attempt's state, as a TaskManager observed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskReport {
+    /// The job.
+    pub job: JobId,
+    /// The subtask.
+    pub key: TaskKey,
+    /// Which attempt the report is about; reports about older attempts are ignored.
+    pub attempt: Attempt,
+    /// The state the TaskManager observed.
+    pub state: TaskState,
+    /// Exit code of the process, if it exited.
+    pub exit_code: Option<i32>,
+    /// Failure reason (or empty).
+    pub reason: String,
+}
+
+/// A state-machine command. Every command whose meaning depends on time carries `now`,
+/// the proposing leader's clock; the state machine never reads one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Submit a job (idempotent by id and spec).
+    SubmitJob {
+        /// Client-chosen id.
+        job_id: JobId,
+        /// The job graph and policies.
+        spec: JobSpec,
+        /// Leader time.
+        now: Millis,
+    },
+    /// Cancel a job.
+    CancelJob {
+        /// Which job.
+        job_id: JobId,
+        /// Leader time.
+        now: Millis,
+    },
+    /// Register (or re-register after a restart) a TaskManager and its slots.
+    RegisterTaskManager {
+        /// The registration.
+        spec: TaskManagerSpec,
+        /// Leader time.
+        now: Millis,
+    },
+    /// The leader saw this TaskManager's lease run out. Only the named instance is
+    /// expired, so a late proposal cannot expire a fresh registration.
+    ExpireTaskManager {
+        /// Which TaskManager.
+        id: TaskManagerId,
+        /// Which instance of it.
+        instance: String,
+        /// Leader time.
+        now: Millis,
+    },
+    /// The TaskManager is leaving cleanly.
+    UnregisterTaskManager {
+        /// Which TaskManager.
+        id: TaskManagerId,
+        /// Which instance of it.
+        instance: String,
+        /// Leader time.
+        now: Millis,
+    },
+    /// Task state changes reported by one TaskManager (a heartbeat's batch).
+    ReportTaskState {
+        /// The reporting TaskManager.
+        task_manager: TaskManagerId,
+        /// Its instance.
+        instance: String,
+        /// The changes, applied in order; each is accepted or ignored on its own.
+        reports: Vec<TaskReport>,
+        /// Leader time.
+        now: Millis,
+    },
+    /// The restart delay of a RESTARTING job has passed: start new attempts.
+    RestartTasks {
+        /// Which job.
+        job_id: JobId,
+        /// Leader time; must be at or after the job's `restart_due_at`.
+        now: Millis,
+    },
+    /// Hand out the job's next checkpoint id (Flink's checkpoint id counter).
+    AllocateCheckpointId {
+        /// Which job.
+        job_id: JobId,
+        /// Leader time.
+        now: Millis,
+    },
+    /// Record a completed checkpoint pointer for a job.
+    RecordCheckpoint {
+        /// Which job.
+        job_id: JobId,
+        /// An id the counter handed out, newer than the last completed one.
+        checkpoint_id: u64,
+        /// Where the checkpoint's data lives.
+        location: String,
+        /// Leader time.
+        now: Millis,
+    },
+    /// Remove terminal jobs whose retention has run out.
+    PurgeFinishedJobs {
+        /// Leader time.
+        now: Millis,
+    },
+    /// Disaster recovery: replace an empty state with a backup (the canonical encoding
+    /// of a state, as `DispatcherState::encode` writes it). Refused unless the state is
+    /// empty, so it can only seed a new cluster.
+    RestoreState {
+        /// The encoded state.
+        state: Vec<u8>,
+    },
+    /// Replace the cluster configuration.
+    SetClusterConfig {
+        /// The new configuration.
+        config: ClusterConfig,
+    },
+}
+
+impl Command {
+    /// Short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::SubmitJob { .. } => "SubmitJob",
+            Command::CancelJob { .. } => "CancelJob",
+            Command::RegisterTaskManager { .. } => "RegisterTaskManager",
+            Command::ExpireTaskManager { .. } => "ExpireTaskManager",
+            Command::UnregisterTaskManager { .. } => "UnregisterTaskManager",
+            Command::ReportTaskState { .. } => "ReportTaskState",
+            Command::RestartTasks { .. } => "RestartTasks",
+            Command::AllocateCheckpointId { .. } => "AllocateCheckpointId",
+            Command::RecordCheckpoint { .. } => "RecordCheckpoint",
+            Command::PurgeFinishedJobs { .. } => "PurgeFinishedJobs",
+            Command::RestoreState { .. } => "RestoreState",
+            Command::SetClusterConfig { .. } => "SetClusterConfig",
+        }
+    }
+}
+
+/// What became of one report in a ReportTaskState batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReportOutcome {
+    /// The report changed the task (or confirmed its current state).
+    Applied,
+    /// The report was ignored; the rejection says why (stale attempt, not assigned...).
+    Ignored(Rejection),
+}
+
+/// The result of an accepted command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// SubmitJob: `created` is false when the same id and spec already existed.
+    Submitted {
+        /// The job.
+        job_id: JobId,
+        /// Whether this command created it.
+        created: bool,
+        /// Its state after the command.
+        state: JobState,
+    },
+    /// CancelJob, RestartTasks: the job's state after the command.
+    JobState {
+        /// The job.
+        job_id: JobId,
+        /// Its state after the command.
+        state: JobState,
+    },
+    /// RegisterTaskManager.
+    Registered {
+        /// The TaskManager.
+        id: TaskManagerId,
+        /// False when the same instance was already registered (a retried command).
+        created: bool,
+        /// Attempts of the previous instance that were failed because it restarted.
+        failed_attempts: u32,
+    },
+    /// ExpireTaskManager, UnregisterTaskManager.
+    Removed {
+        /// The TaskManager.
+        id: TaskManagerId,
+        /// How many running attempts failed with it.
+        failed_attempts: u32,
+    },
+    /// ReportTaskState: one outcome per report, in order.
+    Reports {
+        /// Outcomes.
+        outcomes: Vec<ReportOutcome>,
+    },
+    /// AllocateCheckpointId.
+    CheckpointId {
+        /// The id handed out.
+        id: u64,
+    },
+    /// RecordCheckpoint.
+    CheckpointRecorded {
+        /// The id recorded.
+        id: u64,
+    },
+    /// PurgeFinishedJobs.
+    Purged {
+        /// Removed jobs.
+        jobs: Vec<JobId>,
+    },
+    /// SetClusterConfig.
+    ConfigSet,
+    /// RestoreState: how many jobs and TaskManagers the restored state holds.
+    Restored {
+        /// Jobs.
+        jobs: u64,
+        /// TaskManagers.
+        task_managers: u64,
+    },
+}
+
+/// Why a command was rejected. A rejected command changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum Rejection {
+    /// A field of the command is invalid.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// Dotted path of the field, e.g. `spec.vertices[2].parallelism`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The job id exists with another spec.
+    #[error("job {job_id} already exists with a different spec")]
+    AlreadyExists {
+        /// The id.
+        job_id: JobId,
+    },
+    /// No such job.
+    #[error("job {job_id} not found")]
+    UnknownJob {
+        /// The id.
+        job_id: JobId,
+    },
+    /// No such TaskManager (or not this instance of it).
+    #[error("TaskManager {id} (instance {instance}) is not registered")]
+    UnknownTaskManager {
+        /// The id.
+        id: TaskManagerId,
+        /// The instance named by the command.
+        instance: String,
+    },
+    /// The job cannot go from its state to the requested one.
+    #[error("job {job_id} cannot go from {from} to {to}")]
+    IllegalJobTransition {
+        /// The job.
+        job_id: JobId,
+        /// Current state.
+        from: JobState,
+        /// Requested state.
+        to: JobState,
+    },
+    /// The task cannot go from its state to the reported one.
+    #[error("task {job_id}#{key} attempt {attempt} cannot go from {from} to {to}")]
+    IllegalTaskTransition {
+        /// The job.
+        job_id: JobId,
+        /// The task.
+        key: TaskKey,
+        /// The attempt.
+        attempt: Attempt,
+        /// Current state.
+        from: TaskState,
+        /// Reported state.
+        to: TaskState,
+    },
+    /// The report is about an attempt that is not the current one.
+    #[error("task {job_id}#{key}: attempt {attempt} is stale, current is {current}")]
+    StaleAttempt {
+        /// The job.
+        job_id: JobId,
+        /// The task.
+        key: TaskKey,
+        /// The reported attempt.
+        attempt: Attempt,
+        /// The current attempt.
+        current: Attempt,
+    },
+    /// The reporting TaskManager does not hold this attempt.
+    #[error("task {job_id}#{key} attempt {attempt} is not assigned to TaskManager {task_manager}")]
+    NotAssigned {
+        /// The job.
+        job_id: JobId,
+        /// The task.
+        key: TaskKey,
+        /// The attempt.
+        attempt: Attempt,
+        /// The reporter.
+        task_manager: TaskManagerId,
+    },
+    /// The job's restart is not due yet (or it is not waiting for one).
+    #[error(
+        "job {job_id} has no restart due at {now} (due at {due_at:?}, {active} tasks still active)"
+    )]
+    RestartNotDue {
+        /// The job.
+        job_id: JobId,
+        /// When it is due, if at all.
+        due_at: Option<Millis>,
+        /// The command's time.
+        now: Millis,
+        /// Attempts that still hold slots.
+        active: u32,
+    },
+    /// The job is not in a state that allows the operation.
+    #[error("job {job_id} is {state}: {reason}")]
+    JobNotActive {
+        /// The job.
+        job_id: JobId,
+        /// Its state.
+        state: JobState,
+        /// What was refused.
+        reason: String,
+    },
+    /// A checkpoint id that the counter never handed out or that is not newer than the
+    /// last completed one.
+    #[error("job {job_id}: checkpoint {checkpoint_id} is out of order ({reason})")]
+    CheckpointOutOfOrder {
+        /// The job.
+        job_id: JobId,
+        /// The id.
+        checkpoint_id: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Rejection {
+    /// Shorthand for an invalid field.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Rejection::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Counts kept up to date by `apply` (checked against the data by the invariants).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Slots of all registered TaskManagers.
+    pub total_slots: u64,
+    /// Slots holding no attempt.
+    pub free_slots: u64,
+    /// Jobs per state.
+    pub jobs_by_state: BTreeMap<JobState, u64>,
+}

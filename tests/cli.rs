@@ -1,0 +1,269 @@
+//! End-to-end tests of `dispatchctl` and the client library against a real three-replica
+//! cluster of `dispatcher` processes on loopback.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{sleep_job, ProcCluster};
+use dispatcher::client::new_job_id;
+
+const T: Duration = Duration::from_secs(30);
+
+fn ctl(endpoints: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dispatchctl"))
+        .args(["--endpoints", endpoints, "--timeout", "20"])
+        .args(args)
+        .output()
+        .expect("run dispatchctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write_spec(dir: &std::path::Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, body).expect("write spec");
+    path.to_str().expect("utf-8").to_string()
+}
+
+const SPEC: &str = "name = \"cli-test\"\n[[vertices]]\nname = \"a\"\nparallelism = 2\ntask = { sleep = { duration_ms = 60000 } }\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_through_a_follower_then_list_status_and_cancel_on_every_replica() {
+    let c = ProcCluster::start(3);
+    let client = c.client();
+    let leader = c.leader(&client, T, "startup").await;
+    let follower = c
+        .procs
+        .values()
+        .find(|p| p.id != leader)
+        .expect("a follower")
+        .addr
+        .clone();
+    let spec = write_spec(c.dir.path(), "job.toml", SPEC);
+
+    let (code, out, err) = ctl(&follower, &["job", "submit", &spec]);
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim().to_string();
+    assert!(
+        uuid::Uuid::parse_str(&id).is_ok(),
+        "submit prints the job id: {out:?}"
+    );
+
+    for p in c.procs.values() {
+        // Linearizable (forwarded to the leader) and local reads, through each replica.
+        let (code, out, err) = ctl(&p.addr, &["job", "status", &id]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains("CREATED") && out.contains("SCHEDULED"),
+            "{out}"
+        );
+        let listed = common::wait_for(T, "the replica applied the job", || async {
+            let (code, out, _) = ctl(&p.addr, &["-o", "json", "job", "list", "--stale"]);
+            (code == 0 && out.contains(&id)).then_some(out)
+        })
+        .await;
+        let v: serde_json::Value = serde_json::from_str(&listed).expect("json list");
+        assert_eq!(v.as_array().map(|a| a.len()), Some(1));
+        assert_eq!(v[0]["state"], "CREATED");
+    }
+    let (code, out, _) = ctl(&follower, &["job", "list", "--state", "running"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains(&id), "the state filter applies");
+
+    let (code, out, err) = ctl(&follower, &["job", "cancel", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("CANCELED"), "{out}");
+    let (code, _, _) = ctl(&follower, &["job", "cancel", &id]);
+    assert_eq!(code, 0, "cancel is idempotent");
+    let (code, out, _) = ctl(&follower, &["-o", "json", "job", "status", &id]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json status");
+    assert_eq!(v["state"], "CANCELED");
+    assert_eq!(v["tasks"][0]["state"], "CANCELED");
+
+    let (code, out, _) = ctl(
+        &c.endpoints().join(","),
+        &["-o", "json", "cluster", "status"],
+    );
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json cluster status");
+    assert_eq!(v["replicas"].as_array().map(|a| a.len()), Some(3));
+    assert_eq!(v["leader_id"], leader);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_submission_retried_three_times_is_one_job() {
+    let c = ProcCluster::start(3);
+    let client = c.client();
+    c.leader(&client, T, "startup").await;
+    let spec = write_spec(c.dir.path(), "job.toml", SPEC);
+    let id = new_job_id();
+    let mut created = vec![];
+    for endpoint in c.endpoints() {
+        let (code, out, err) = ctl(
+            &endpoint,
+            &["-o", "json", "job", "submit", &spec, "--id", &id],
+        );
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(v["job_id"], id.as_str());
+        created.push(v["created"].as_bool().expect("created flag"));
+    }
+    assert_eq!(created, vec![true, false, false]);
+    let jobs = client
+        .list_all_jobs(Default::default())
+        .await
+        .expect("list");
+    assert_eq!(jobs.len(), 1);
+
+    // The same id with another spec is refused, naming the file.
+    let other = write_spec(
+        c.dir.path(),
+        "other.toml",
+        &SPEC.replace("parallelism = 2", "parallelism = 3"),
+    );
+    let (code, _, err) = ctl(&c.endpoints()[0], &["job", "submit", &other, "--id", &id]);
+    assert_eq!(code, 4);
+    assert!(
+        err.contains("other.toml") && err.contains("already exists"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_the_file_field_and_reason_and_changes_nothing() {
+    let c = ProcCluster::start(3);
+    let client = c.client();
+    c.leader(&client, T, "startup").await;
+    let endpoints = c.endpoints().join(",");
+
+    let syntax = write_spec(c.dir.path(), "syntax.toml", "name = \"x\"\nvertices = 3\n");
+    let (code, _, err) = ctl(&endpoints, &["job", "submit", &syntax]);
+    assert_eq!(code, 4);
+    assert!(
+        err.contains("syntax.toml") && err.contains("line 2"),
+        "{err}"
+    );
+
+    let cycle = write_spec(
+        c.dir.path(),
+        "cycle.json",
+        r#"{"name": "x", "vertices": [{"name": "a", "parallelism": 1, "task": {"sleep": {"duration_ms": 1}}}, {"name": "b", "parallelism": 1, "task": {"sleep": {"duration_ms": 1}}}], "edges": [{"from": "a", "to": "b"}, {"from": "b", "to": "a"}]}"#,
+    );
+    let (code, _, err) = ctl(&endpoints, &["job", "submit", &cycle]);
+    assert_eq!(code, 4);
+    assert!(
+        err.contains("cycle.json") && err.contains("spec.edges") && err.contains("cycle"),
+        "{err}"
+    );
+
+    let (code, _, err) = ctl(&endpoints, &["job", "status", &new_job_id()]);
+    assert_eq!(code, 3, "{err}");
+    let (code, _, err) = ctl(&endpoints, &["job", "status", "not-a-uuid"]);
+    assert_eq!(code, 4);
+    assert!(err.contains("job_id"), "{err}");
+
+    assert!(
+        client
+            .list_all_jobs(Default::default())
+            .await
+            .expect("list")
+            .is_empty(),
+        "nothing invalid was stored"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_dispatchctl"))
+        .args([
+            "--endpoints",
+            "127.0.0.1:9",
+            "--timeout",
+            "1",
+            "job",
+            "list",
+        ])
+        .output()
+        .expect("run dispatchctl");
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "an unreachable cluster is exit 5"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_changes_until_the_job_is_terminal() {
+    let c = ProcCluster::start(3);
+    let client = c.client();
+    c.leader(&client, T, "startup").await;
+    let endpoints = c.endpoints().join(",");
+    let spec = write_spec(c.dir.path(), "job.toml", SPEC);
+    let (code, out, _) = ctl(&endpoints, &["job", "submit", &spec]);
+    assert_eq!(code, 0);
+    let id = out.trim().to_string();
+    let watcher = {
+        let (endpoints, id) = (endpoints.clone(), id.clone());
+        std::thread::spawn(move || ctl(&endpoints, &["-o", "json", "job", "watch", &id]))
+    };
+    // Let the watch attach (its first event is the current state), then cancel.
+    let mut events = client.watch_job(&id);
+    use tokio_stream::StreamExt;
+    let first = events.next().await.expect("an event").expect("ok");
+    assert_eq!(
+        first.job.expect("job").state,
+        dispatcher::proto::v1::JobState::Created as i32
+    );
+    client.cancel_job(&id).await.expect("cancel");
+    let (code, out, err) = watcher.join().expect("watcher");
+    assert_eq!(code, 6, "a canceled job ends the watch with exit 6: {err}");
+    let states: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json line")["job"]["state"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        states.last().map(String::as_str),
+        Some("CANCELED"),
+        "{states:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_in_flight_while_the_leader_is_killed_succeeds_exactly_once() {
+    let mut c = ProcCluster::start(3);
+    let client = c.client();
+    for round in 0..3 {
+        let leader = c.leader(&client, T, "before the kill").await;
+        let id = new_job_id();
+        let submit = {
+            let (client, id) = (client.clone(), id.clone());
+            tokio::spawn(
+                async move { client.submit_job(Some(id), sleep_job("in-flight", 1)).await },
+            )
+        };
+        c.kill(leader);
+        let resp = submit
+            .await
+            .expect("task")
+            .expect("the library retries the submission through the failover");
+        assert_eq!(resp.job_id, id);
+        let jobs = client
+            .list_all_jobs(Default::default())
+            .await
+            .expect("list");
+        assert_eq!(
+            jobs.iter().filter(|j| j.job_id == id).count(),
+            1,
+            "round {round}: exactly one job"
+        );
+        c.spawn(leader);
+        c.converged(&client, T, "the killed replica is back").await;
+    }
+}

@@ -1,0 +1,47 @@
+//! Interoperability: a client generated from `proto/` by Python's grpcio submits and
+//! lists jobs, sees the standard health service SERVING and discovers the services by
+//! reflection. The interpreter comes from `DISPATCHER_PYTHON` (`make test` sets it to the
+//! virtualenv `make python-deps` builds).
+
+mod common;
+
+use std::time::Duration;
+
+use common::ProcCluster;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_grpc_client_submits_lists_checks_health_and_reflects() {
+    let python = std::env::var("DISPATCHER_PYTHON")
+        .unwrap_or_else(|_| format!("{}/target/pyenv/bin/python", env!("CARGO_MANIFEST_DIR")));
+    assert!(
+        std::path::Path::new(&python).exists(),
+        "no Python with grpcio at {python}: run `make python-deps` (or `make test`, which does)"
+    );
+    let c = ProcCluster::start(3);
+    let client = c.client();
+    let leader = c.leader(&client, Duration::from_secs(30), "startup").await;
+    // Through a follower: the write is forwarded to the leader.
+    let follower = c
+        .procs
+        .values()
+        .find(|p| p.id != leader)
+        .expect("follower")
+        .addr
+        .clone();
+    let out = tokio::process::Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/client_check.py"
+        ))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/proto"))
+        .arg(&follower)
+        .output()
+        .await
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
