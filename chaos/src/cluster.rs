@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
 use crate::proxy::{LinkMode, Proxy};
 
 /// Where the binaries are: `CHAOS_BIN_DIR`, else next to this executable.
@@ -54,17 +57,18 @@ impl Proc {
         self.child.is_some()
     }
 
-    fn signal(&self, sig: &str) {
-        if let Some(c) = &self.child {
-            let _ = Command::new("kill")
-                .arg(format!("-{sig}"))
-                .arg(c.id().to_string())
-                .status();
+    /// Sends a signal to this one process, by syscall: never through the `kill` program,
+    /// which in procps-ng 4.0.2 misreads some arguments and signals every process.
+    fn signal(&self, sig: Signal) {
+        if let Some(pid) = self.child.as_ref().and_then(|c| i32::try_from(c.id()).ok()) {
+            if pid > 1 {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
+            }
         }
     }
 
     fn kill(&mut self) {
-        self.signal("CONT");
+        self.signal(Signal::SIGCONT);
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -223,7 +227,11 @@ impl Cluster {
     /// SIGSTOP / SIGCONT of a replica.
     pub fn pause_replica(&mut self, id: u64, paused: bool) {
         if let Some(p) = self.replicas.get_mut(&id) {
-            p.signal(if paused { "STOP" } else { "CONT" });
+            p.signal(if paused {
+                Signal::SIGSTOP
+            } else {
+                Signal::SIGCONT
+            });
             p.paused = paused;
         }
     }

@@ -269,8 +269,10 @@ async fn watch_process(
     let _ = exits.send(Exit { key, outcome });
 }
 
+/// Signals the process group a task leads. A group id of 0 or 1 is never signalled:
+/// `killpg(1)` is `kill(-1)`, every process the TaskManager may signal.
 fn signal_group(pid: Option<u32>, sig: Signal) {
-    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 1) {
         let _ = killpg(Pid::from_raw(pid), sig);
     }
 }

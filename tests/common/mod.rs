@@ -176,10 +176,7 @@ impl ProcCluster {
     /// Sends a signal by name (`STOP`, `CONT`, `TERM`).
     pub fn signal(&self, id: u64, sig: &str) {
         if let Some(child) = self.procs.get(&id).and_then(|p| p.child.as_ref()) {
-            let _ = Command::new("kill")
-                .arg(format!("-{sig}"))
-                .arg(child.id().to_string())
-                .status();
+            send_signal(child.id(), sig);
         }
     }
 
@@ -322,10 +319,7 @@ impl ProcCluster {
     /// Sends a signal to a TaskManager.
     pub fn signal_tm(&self, id: &str, sig: &str) {
         if let Some(child) = self.tms.get(id).and_then(|t| t.child.as_ref()) {
-            let _ = Command::new("kill")
-                .arg(format!("-{sig}"))
-                .arg(child.id().to_string())
-                .status();
+            send_signal(child.id(), sig);
         }
     }
 
@@ -358,17 +352,34 @@ impl ProcCluster {
     }
 }
 
-/// Whether `pid` is alive, leads its own process group, and runs `/bin/sh` (every
-/// command task these tests start does).
-fn is_our_task_group(pid: u32) -> bool {
+/// Whether `pid` is alive, leads its own process group, and works in a directory under
+/// `work_dir` (every command task a TaskManager starts does). Only then may the test kill
+/// its group: pid 1 and pids an unrelated program has since taken never pass.
+fn is_our_task_group(pid: u32, work_dir: &Path) -> bool {
+    if pid <= 1 {
+        return false;
+    }
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let pgrp = stat
         .rsplit_once(')')
         .and_then(|(_, rest)| rest.split_whitespace().nth(2).map(str::to_string));
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    alive(pid)
-        && pgrp.as_deref() == Some(pid.to_string().as_str())
-        && cmdline.starts_with(b"/bin/sh")
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+    let work_dir = work_dir
+        .canonicalize()
+        .unwrap_or_else(|_| work_dir.to_path_buf());
+    alive(pid) && pgrp.as_deref() == Some(pid.to_string().as_str()) && cwd.starts_with(&work_dir)
+}
+
+/// Sends `sig` (a name such as `STOP`, `CONT`, `TERM`) to one process. Never through the
+/// `kill` program: procps-ng 4.0.2 misreads some negative pids and signals every process
+/// on the machine (`kill -9 -12` becomes `kill(-1, SIGKILL)`).
+pub fn send_signal(pid: u32, sig: &str) {
+    let sig: nix::sys::signal::Signal = format!("SIG{sig}").parse().expect("a signal name");
+    if let Ok(pid) = i32::try_from(pid) {
+        if pid > 1 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+    }
 }
 
 /// Whether a process is alive (and not a zombie).
@@ -388,15 +399,18 @@ impl Drop for ProcCluster {
         for id in tms {
             self.signal_tm(&id, "CONT");
             self.kill_tm(&id);
-            // Leave no task process behind, but only kill a group whose leader is still
-            // one of our task shells: a pid that exited long ago may now lead an
-            // unrelated process group (this test's own runner, say).
+            // Leave no task process behind, but only kill a group whose leader still
+            // works in this TaskManager's directory: a pid that exited long ago may now
+            // lead an unrelated process group (this test's own runner, say).
+            let work_dir = self.tms[&id].work_dir.clone();
             for (.., pid) in self.tm_pids(&id) {
-                if is_our_task_group(pid) {
-                    let _ = Command::new("kill")
-                        .arg("-9")
-                        .arg(format!("-{pid}"))
-                        .status();
+                if is_our_task_group(pid, &work_dir) {
+                    if let Ok(pgrp) = i32::try_from(pid) {
+                        let _ = nix::sys::signal::killpg(
+                            nix::unistd::Pid::from_raw(pgrp),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
                 }
             }
         }
