@@ -1,7 +1,7 @@
 # Everything a developer or CI runs. `make test` is the test command CI calls.
 CARGO ?= cargo
 
-.PHONY: all build cluster chaos chaos-smoke image compose-up compose-down compose-test k8s-validate python-deps test fmt fmt-check lint doc verify bench clean
+.PHONY: all build cluster chaos chaos-smoke image compose-up compose-down compose-test k8s-validate python-deps test fmt fmt-check lint doc verify bench bench-bins bench-compare clean
 
 all: build
 
@@ -82,12 +82,29 @@ chaos-smoke:
 	$(CARGO) build --bins
 	$(CARGO) run -p chaos -- run --seed 1 --duration 30 --nemesis all --out target/chaos-smoke
 
-## Benchmarks: state-machine apply and placement (criterion), durable log appends, and
-## failover of a real three-replica cluster (kill -9 of the leader). They print figures.
-bench:
+BENCH := target/release/dispatch-bench
+
+bench-bins:
+	$(CARGO) build --release --bins -p dispatcher -p dispatch-bench
+
+## Benchmarks (docs/benchmarks.md): state-machine apply and placement and durable log
+## appends (criterion), then a real three-replica cluster under dispatch-bench: submit
+## at 1/16/64/256 submitters, failover (kill -9 and SIGSTOP of the leader), placement of
+## 1,000,000 tasks on 10,000 simulated TaskManagers, and recovery of a large state.
+bench: bench-bins
 	$(CARGO) bench --bench apply
 	$(CARGO) bench --bench storage
-	$(CARGO) bench --bench failover
+	$(BENCH) submit --concurrency 1,16,64,256 --count 10000 --seconds 20
+	$(BENCH) failover --fault kill --trials 10
+	$(BENCH) failover --fault stop --trials 10
+	$(BENCH) place --task-managers 10000 --slots 100 --jobs 10000 --tasks 100
+	$(BENCH) recover --jobs 20000
+
+## The same submit and failover workloads against 3-member etcd 3.4 and ZooKeeper 3.8
+## clusters (installed from Debian's packages if missing), then ours, with ratios.
+bench-compare: bench-bins
+	scripts/bench-deps.sh
+	$(BENCH) compare --systems etcd,zookeeper,dispatcher --concurrency 1,64 --count 5000 --trials 10
 
 clean:
 	$(CARGO) clean

@@ -5,6 +5,8 @@
 //! through the generated `RaftService` client only (in `network`), and exposes the Raft
 //! handle and the applied state for the server layer to serve.
 
+pub mod barrier;
+pub mod batcher;
 pub mod log_store;
 pub mod network;
 pub mod replica;

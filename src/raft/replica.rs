@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{Config, SnapshotPolicy};
 
+use super::barrier::Barrier;
+use super::batcher::Batcher;
 use super::log_store::{Identity, LogStore, OpenError};
 use super::network::{GrpcNetwork, NetworkConfig};
 use super::sm_store::{SharedState, StateMachineStore};
@@ -103,7 +105,7 @@ pub enum StartError {
 }
 
 /// Why a write did not commit.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum WriteError {
     /// This replica is not the leader; `leader` is the leader's id and address if known.
     #[error("not the leader (leader: {leader:?})")]
@@ -148,6 +150,8 @@ pub struct Replica {
     /// The applied state, for reads.
     pub state: SharedState,
     log: LogStore,
+    batcher: Batcher,
+    barrier: Barrier,
 }
 
 /// Opens the storage of a data directory (log store and state-machine store), creating
@@ -175,6 +179,27 @@ pub async fn open_storage(
 }
 
 /// "Not the leader", with the leader's id and address when openraft knows them.
+/// Maps openraft's write errors to ours.
+pub(super) fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> WriteError {
+    if let Some(f) = e.forward_to_leader() {
+        return not_leader(f);
+    }
+    match e {
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(m)) => {
+            WriteError::Membership(m.to_string())
+        }
+        other => WriteError::Fatal(other.to_string()),
+    }
+}
+
+/// Maps openraft's read-barrier errors to ours.
+pub(super) fn read_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>) -> WriteError {
+    if let Some(f) = e.forward_to_leader() {
+        return not_leader(f);
+    }
+    WriteError::Fatal(e.to_string())
+}
+
 fn not_leader(f: &openraft::error::ForwardToLeader<NodeId, Node>) -> WriteError {
     WriteError::NotLeader {
         leader: f.leader_id.map(|id| {
@@ -223,11 +248,15 @@ impl Replica {
         let raft = Raft::new(opts.id, Arc::new(config), network, log.clone(), sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
+        let batcher = Batcher::spawn(raft.clone());
+        let barrier = Barrier::new(raft.clone());
         let replica = Replica {
             id: opts.id,
             raft,
             state,
             log,
+            batcher,
+            barrier,
         };
         let bootstrapper = opts.initial_cluster.keys().next() == Some(&opts.id);
         if pristine && bootstrapper {
@@ -253,38 +282,16 @@ impl Replica {
         Ok(replica)
     }
 
-    /// Proposes a command and waits until it is committed and applied here.
+    /// Proposes a command and waits until it is committed and applied here. Concurrent
+    /// proposals share log entries (see [`super::batcher`]).
     pub async fn propose(&self, command: Command) -> Result<(Applied, u64), WriteError> {
-        match self.raft.client_write(command).await {
-            Ok(resp) => Ok((resp.data, resp.log_id.index)),
-            Err(e) => Err(self.write_error(e)),
-        }
-    }
-
-    fn write_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> WriteError {
-        if let Some(f) = e.forward_to_leader() {
-            return not_leader(f);
-        }
-        match e {
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(m)) => {
-                WriteError::Membership(m.to_string())
-            }
-            other => WriteError::Fatal(other.to_string()),
-        }
+        self.batcher.propose(command).await
     }
 
     /// Waits until this replica may serve a linearizable read: it is the leader, a
     /// quorum confirmed it, and it applied everything committed before the call.
     pub async fn read_barrier(&self) -> Result<(), WriteError> {
-        match self.raft.ensure_linearizable().await {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                if let Some(f) = e.forward_to_leader() {
-                    return Err(not_leader(f));
-                }
-                Err(WriteError::Fatal(e.to_string()))
-            }
-        }
+        self.barrier.wait().await
     }
 
     /// Adds a replica as a learner and, if `promote`, makes it a voter once it caught up.
@@ -297,7 +304,7 @@ impl Replica {
         self.raft
             .add_learner(id, Node { addr }, true)
             .await
-            .map_err(|e| self.write_error(e))?;
+            .map_err(write_error)?;
         if promote {
             let mut voters: std::collections::BTreeSet<NodeId> = self
                 .metrics()
@@ -309,7 +316,7 @@ impl Replica {
             self.raft
                 .change_membership(voters, false)
                 .await
-                .map_err(|e| self.write_error(e))?;
+                .map_err(write_error)?;
         }
         Ok(())
     }
@@ -338,7 +345,7 @@ impl Replica {
         self.raft
             .change_membership(change, false)
             .await
-            .map_err(|e| self.write_error(e))?;
+            .map_err(write_error)?;
         Ok(())
     }
 

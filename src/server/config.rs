@@ -5,10 +5,12 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::leader::LivenessSettings;
 use crate::raft::replica::RaftSettings;
 use crate::raft::NodeId;
 
@@ -102,6 +104,13 @@ pub struct Args {
     /// forward between replicas): `2=10.0.0.7:17002,3=...`.
     #[arg(long, env = "DISPATCHER_PEER_ADDRESSES")]
     pub peer_addresses: Option<String>,
+    /// How often TaskManagers heartbeat, in milliseconds (told to them at registration).
+    #[arg(long, env = "DISPATCHER_TM_HEARTBEAT_MS")]
+    pub tm_heartbeat_ms: Option<u64>,
+    /// How long the leader waits for a TaskManager's heartbeat before it expires it and
+    /// reschedules its tasks, in milliseconds.
+    #[arg(long, env = "DISPATCHER_TM_LEASE_MS")]
+    pub tm_lease_ms: Option<u64>,
     /// Disaster recovery: seed a NEW cluster with this backup (`dispatchctl cluster
     /// snapshot save`). Only on the bootstrapping replica (lowest id of
     /// --initial-cluster) with an empty data directory.
@@ -125,6 +134,8 @@ struct FileConfig {
     snapshot_after_logs: Option<u64>,
     log_format: Option<LogFormat>,
     peer_addresses: Option<String>,
+    tm_heartbeat_ms: Option<u64>,
+    tm_lease_ms: Option<u64>,
 }
 
 /// A validated replica configuration.
@@ -150,6 +161,8 @@ pub struct ServerConfig {
     pub restore: Option<PathBuf>,
     /// Per-peer address overrides.
     pub peer_addresses: BTreeMap<NodeId, String>,
+    /// TaskManager heartbeats and leases.
+    pub liveness: LivenessSettings,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -271,6 +284,20 @@ impl Args {
                 })?,
                 None => BTreeMap::new(),
             },
+            liveness: {
+                let d = LivenessSettings::default();
+                LivenessSettings {
+                    heartbeat_interval: self
+                        .tm_heartbeat_ms
+                        .or(file.tm_heartbeat_ms)
+                        .map_or(d.heartbeat_interval, Duration::from_millis),
+                    lease_timeout: self
+                        .tm_lease_ms
+                        .or(file.tm_lease_ms)
+                        .map_or(d.lease_timeout, Duration::from_millis),
+                    ..d
+                }
+            },
         };
         config.validate()?;
         Ok(config)
@@ -299,6 +326,20 @@ impl ServerConfig {
                     ),
                 ));
             }
+        }
+        let l = &self.liveness;
+        if l.heartbeat_interval.is_zero() {
+            return Err(invalid("--tm-heartbeat-ms", "must be positive"));
+        }
+        if l.lease_timeout < 2 * l.heartbeat_interval {
+            return Err(invalid(
+                "--tm-lease-ms",
+                format!(
+                    "{} ms must be at least twice --tm-heartbeat-ms ({} ms), or one late heartbeat expires a healthy TaskManager",
+                    l.lease_timeout.as_millis(),
+                    l.heartbeat_interval.as_millis()
+                ),
+            ));
         }
         if self.cluster_name.trim().is_empty() {
             return Err(invalid("--cluster-name", "must not be empty"));

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt as _;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -137,7 +138,7 @@ pub async fn serve(
     };
     let cluster_service =
         ClusterServiceServer::new(cluster_service::ClusterServer::new(edge.clone()));
-    let liveness = crate::leader::Liveness::new(crate::leader::LivenessSettings::default());
+    let liveness = crate::leader::Liveness::new(config.liveness.clone());
     let duties = tokio::spawn(crate::leader::run(replica.clone(), liveness.clone()));
     let task_managers = TaskManagerServiceServer::new(taskmanager_service::TaskManagerServer::new(
         edge.clone(),
@@ -146,6 +147,15 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let jobs = JobServiceServer::new(job_service::JobServer::new(edge, stop_rx.clone()));
 
+    // The builder's tcp_nodelay only reaches sockets tonic accepts itself, not ours: set
+    // it on every accepted connection, or Nagle's algorithm holds a response's last
+    // frame until the peer's delayed ACK (~40 ms per Raft round and per client call).
+    let incoming = TcpListenerStream::new(listener).map(|accepted| {
+        accepted.and_then(|stream| {
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        })
+    });
     let result = Server::builder()
         .tcp_nodelay(true)
         .add_service(health_service)
@@ -155,7 +165,7 @@ pub async fn serve(
         .add_service(cluster_service)
         .add_service(jobs)
         .add_service(task_managers)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         });

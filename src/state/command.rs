@@ -168,6 +168,11 @@ pub enum Command {
         /// The new configuration.
         config: ClusterConfig,
     },
+    /// Several commands from concurrent clients, applied in order, each on its own: one
+    /// command's rejection neither undoes nor stops the others. The leader groups the
+    /// writes that arrive while the previous log append is on disk, so that one append,
+    /// one sync and one replication round serve them all. A batch never holds a batch.
+    Batch(Vec<Command>),
 }
 
 impl Command {
@@ -186,6 +191,7 @@ impl Command {
             Command::PurgeFinishedJobs { .. } => "PurgeFinishedJobs",
             Command::RestoreState { .. } => "RestoreState",
             Command::SetClusterConfig { .. } => "SetClusterConfig",
+            Command::Batch(_) => "Batch",
         }
     }
 }
@@ -263,6 +269,8 @@ pub enum Response {
         /// TaskManagers.
         task_managers: u64,
     },
+    /// Batch: each command's own result, in order.
+    Batch(Vec<Result<Response, Rejection>>),
 }
 
 /// Why a command was rejected. A rejected command changes nothing.

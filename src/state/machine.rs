@@ -354,6 +354,17 @@ impl DispatcherState {
                 self.config = config;
                 Ok(Response::ConfigSet)
             }
+            Command::Batch(commands) => {
+                if let Some(i) = commands.iter().position(|c| matches!(c, Command::Batch(_))) {
+                    return Err(Rejection::Invalid {
+                        field: format!("batch[{i}]"),
+                        reason: "a batch cannot hold a batch".into(),
+                    });
+                }
+                Ok(Response::Batch(
+                    commands.into_iter().map(|c| self.apply(c)).collect(),
+                ))
+            }
         }
     }
 

@@ -189,6 +189,59 @@ fn a_retried_submission_is_the_same_job_and_another_spec_under_its_id_is_refused
 }
 
 #[test]
+fn a_batch_applies_each_command_on_its_own_exactly_as_one_by_one() {
+    let submit = |n: u32, s: JobSpec| Command::SubmitJob {
+        job_id: job_id(n),
+        spec: s,
+        now: 2_000,
+    };
+    let mut cyclic = spec("bad", &[1, 1], RestartStrategy::NoRestart);
+    cyclic.edges.push(EdgeSpec {
+        from: "v1".into(),
+        to: "v0".into(),
+    });
+    let commands = vec![
+        Command::RegisterTaskManager {
+            spec: tm("tm-1", 4),
+            now: 2_000,
+        },
+        submit(1, spec("a", &[2], RestartStrategy::NoRestart)),
+        submit(2, cyclic),
+        submit(1, spec("a", &[3], RestartStrategy::NoRestart)),
+        submit(3, spec("c", &[1], RestartStrategy::NoRestart)),
+    ];
+    let mut one_by_one = World::new();
+    let expected: Vec<_> = commands
+        .iter()
+        .cloned()
+        .map(|c| one_by_one.apply(c))
+        .collect();
+    let mut batched = World::new();
+    let got = batched.ok(Command::Batch(commands));
+    assert_eq!(got, Response::Batch(expected.clone()));
+    // The rejected commands (a cycle, a different spec under an existing id) neither
+    // stopped nor undid the others.
+    assert!(expected[2].is_err() && expected[3].is_err());
+    assert!(expected[1].is_ok() && expected[4].is_ok());
+    assert_eq!(batched.state.jobs().count(), 2);
+    assert_eq!(
+        batched.state.digest().expect("digest"),
+        one_by_one.state.digest().expect("digest")
+    );
+
+    // A batch inside a batch is refused whole, and changes nothing.
+    let nested = Command::Batch(vec![
+        submit(4, spec("d", &[1], RestartStrategy::NoRestart)),
+        Command::Batch(vec![]),
+    ]);
+    assert!(matches!(
+        batched.apply(nested),
+        Err(Rejection::Invalid { field, .. }) if field == "batch[1]"
+    ));
+    assert_eq!(batched.state.jobs().count(), 2);
+}
+
+#[test]
 fn an_invalid_spec_is_rejected_and_changes_nothing() {
     let mut w = World::new();
     let mut s = spec("etl", &[1, 1], RestartStrategy::NoRestart);

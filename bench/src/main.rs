@@ -1,0 +1,429 @@
+//! `dispatch-bench`: figures for the dispatcher, and the same workloads against etcd and
+//! ZooKeeper on the same machine in the same run.
+//!
+//! Every command launches the clusters it measures as real processes under a work
+//! directory (recording their pids, killing them at the end and at the next start), so a
+//! run needs no setup beyond `cargo build --release` and, for `compare`,
+//! `scripts/bench-deps.sh`. Figures print as tables, or JSON with `--output json`.
+
+mod place;
+mod procs;
+mod recover;
+mod stats;
+mod systems;
+mod workload;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use comfy_table::Table;
+use serde::Serialize;
+
+use systems::dispatcher::Dispatcher;
+use systems::System;
+use workload::{Bound, Fault};
+
+#[derive(Parser)]
+#[command(name = "dispatch-bench", version, about)]
+struct Cli {
+    /// Human tables, or one JSON document on stdout.
+    #[arg(long, value_enum, default_value = "table", global = true)]
+    output: Output,
+    /// Where clusters keep their data and logs (emptied first).
+    #[arg(long, default_value = "target/bench-work", global = true)]
+    work_dir: PathBuf,
+    /// Where the `dispatcher` binary is (default: next to this one).
+    #[arg(long, global = true)]
+    bin_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum SystemKind {
+    Dispatcher,
+    Etcd,
+    Zookeeper,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// New jobs (2 KiB specs) from concurrent closed-loop submitters.
+    Submit {
+        #[arg(long, value_enum, default_value = "dispatcher")]
+        system: SystemKind,
+        /// Concurrency levels, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+        concurrency: Vec<usize>,
+        /// Writes per run (the run also ends after --seconds).
+        #[arg(long, default_value_t = 5000)]
+        count: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// kill -9 (or SIGSTOP) of the leader under a steady stream of submissions.
+    Failover {
+        #[arg(long, value_enum, default_value = "dispatcher")]
+        system: SystemKind,
+        #[arg(long, value_enum, default_value = "kill")]
+        fault: Fault,
+        #[arg(long, default_value_t = 10)]
+        trials: usize,
+        /// Concurrent writers of the steady stream.
+        #[arg(long, default_value_t = 4)]
+        writers: usize,
+        /// Simulated TaskManagers (dispatcher only) whose re-attachment is timed and
+        /// whose running tasks must never restart.
+        #[arg(long, default_value_t = 20)]
+        task_managers: usize,
+    },
+    /// Simulated TaskManagers and jobs: time until every task is placed and RUNNING.
+    Place(place::PlaceArgs),
+    /// Restart of a replica holding a large state: time until it serves reads again.
+    Recover(recover::RecoverArgs),
+    /// Submit and failover against etcd, ZooKeeper and the dispatcher, with ratios.
+    Compare {
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "etcd,zookeeper,dispatcher"
+        )]
+        systems: Vec<SystemKind>,
+        #[arg(long, value_delimiter = ',', default_value = "1,64")]
+        concurrency: Vec<usize>,
+        #[arg(long, default_value_t = 3000)]
+        count: u64,
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        /// Failover trials per system and fault (0: no failover).
+        #[arg(long, default_value_t = 5)]
+        trials: usize,
+        /// Where etcd is (default: PATH).
+        #[arg(long)]
+        etcd_dir: Option<PathBuf>,
+    },
+}
+
+fn bin_dir(cli: &Cli) -> PathBuf {
+    cli.bin_dir.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("target/release"))
+    })
+}
+
+/// A fresh work directory for one system, after killing what an earlier run left.
+fn fresh_dir(root: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let dir = root.join(name);
+    procs::cleanup(&dir);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Starts a 3-member cluster of `kind` and waits until it takes writes.
+async fn start(
+    cli: &Cli,
+    kind: SystemKind,
+    etcd_dir: Option<&Path>,
+) -> anyhow::Result<Box<dyn System>> {
+    let sys: Box<dyn System> = match kind {
+        SystemKind::Dispatcher => {
+            let dir = fresh_dir(&cli.work_dir, "dispatcher")?;
+            Box::new(Dispatcher::start(&dir, &bin_dir(cli), 3, &[])?)
+        }
+        SystemKind::Etcd => {
+            let dir = fresh_dir(&cli.work_dir, "etcd")?;
+            Box::new(systems::etcd::Etcd::start(&dir, etcd_dir).await?)
+        }
+        SystemKind::Zookeeper => {
+            let dir = fresh_dir(&cli.work_dir, "zookeeper")?;
+            Box::new(systems::zookeeper::ZooKeeper::start(&dir).await?)
+        }
+    };
+    systems::wait_ready(&*sys, Duration::from_secs(90)).await?;
+    Ok(sys)
+}
+
+fn print<T: Serialize>(cli: &Cli, value: &T, table: Table) -> anyhow::Result<()> {
+    match cli.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Table => println!("{table}"),
+    }
+    Ok(())
+}
+
+fn submit_table(results: &[workload::SubmitResult]) -> Table {
+    let mut t = Table::new();
+    t.set_header([
+        "system",
+        "submitters",
+        "writes",
+        "writes/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "retries",
+    ]);
+    for r in results {
+        t.add_row([
+            r.system.clone(),
+            r.concurrency.to_string(),
+            r.writes.to_string(),
+            format!("{:.0}", r.per_second),
+            format!("{:.2}", r.latency.p50_ms),
+            format!("{:.2}", r.latency.p99_ms),
+            format!("{:.2}", r.latency.p999_ms),
+            r.retries.to_string(),
+        ]);
+    }
+    t
+}
+
+fn failover_table(results: &[workload::FailoverResult]) -> Table {
+    let mut t = Table::new();
+    t.set_header([
+        "system",
+        "fault",
+        "trials",
+        "median ms",
+        "p99 ms",
+        "max ms",
+        "each (ms)",
+    ]);
+    for r in results {
+        t.add_row([
+            r.system.clone(),
+            format!("{:?}", r.fault).to_lowercase(),
+            r.trials_ms.len().to_string(),
+            format!("{:.0}", r.median_ms),
+            format!("{:.0}", r.p99_ms),
+            format!("{:.0}", r.max_ms),
+            r.trials_ms
+                .iter()
+                .map(|t| format!("{t:.0}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ]);
+    }
+    t
+}
+
+async fn run(cli: &Cli) -> anyhow::Result<()> {
+    let quiet = cli.output == Output::Json;
+    match &cli.command {
+        Cmd::Submit {
+            system,
+            concurrency,
+            count,
+            seconds,
+        } => {
+            let sys = start(cli, *system, None).await?;
+            let bound = Bound {
+                count: *count,
+                time: Duration::from_secs(*seconds),
+            };
+            let mut results = Vec::new();
+            for c in concurrency {
+                results.push(workload::submit(&*sys, *c, bound, quiet).await?);
+            }
+            print(cli, &results, submit_table(&results))
+        }
+        Cmd::Failover {
+            system,
+            fault,
+            trials,
+            writers,
+            task_managers,
+        } => {
+            if *system == SystemKind::Dispatcher && *task_managers > 0 {
+                let dir = fresh_dir(&cli.work_dir, "dispatcher")?;
+                let mut sys = Dispatcher::start(&dir, &bin_dir(cli), 3, &[])?;
+                systems::wait_ready(&sys, Duration::from_secs(60)).await?;
+                let mut tms =
+                    place::FailoverTms::with_client(sys.client()?, *task_managers).await?;
+                let r = workload::failover(&mut sys, *fault, *trials, *writers, &mut tms, quiet)
+                    .await?;
+                let report = tms.finish().await?;
+                let mut table = failover_table(std::slice::from_ref(&r));
+                table.add_row(report.row());
+                return print(cli, &(r, report), table);
+            }
+            let mut sys = start(cli, *system, None).await?;
+            let r =
+                workload::failover(&mut *sys, *fault, *trials, *writers, &mut (), quiet).await?;
+            print(cli, &r, failover_table(std::slice::from_ref(&r)))
+        }
+        Cmd::Place(args) => {
+            let dir = fresh_dir(&cli.work_dir, "dispatcher")?;
+            let r = place::run(&dir, &bin_dir(cli), args, quiet).await?;
+            print(cli, &r, r.table())
+        }
+        Cmd::Recover(args) => {
+            let dir = fresh_dir(&cli.work_dir, "dispatcher")?;
+            let r = recover::run(&dir, &bin_dir(cli), args, quiet).await?;
+            print(cli, &r, r.table())
+        }
+        Cmd::Compare {
+            systems,
+            concurrency,
+            count,
+            seconds,
+            trials,
+            etcd_dir,
+        } => {
+            compare(
+                cli,
+                systems,
+                concurrency,
+                *count,
+                *seconds,
+                *trials,
+                etcd_dir.as_deref(),
+            )
+            .await
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Comparison {
+    submit: Vec<workload::SubmitResult>,
+    failover: Vec<workload::FailoverResult>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn compare(
+    cli: &Cli,
+    kinds: &[SystemKind],
+    concurrency: &[usize],
+    count: u64,
+    seconds: u64,
+    trials: usize,
+    etcd_dir: Option<&Path>,
+) -> anyhow::Result<()> {
+    let quiet = cli.output == Output::Json;
+    let bound = Bound {
+        count,
+        time: Duration::from_secs(seconds),
+    };
+    let mut out = Comparison {
+        submit: vec![],
+        failover: vec![],
+    };
+    for kind in kinds {
+        // One system at a time: the machine's two cores are the bound, so no system
+        // runs while another is measured.
+        let mut sys = start(cli, *kind, etcd_dir).await?;
+        for c in concurrency {
+            out.submit
+                .push(workload::submit(&*sys, *c, bound, quiet).await?);
+        }
+        if trials > 0 {
+            for fault in [Fault::Kill, Fault::Stop] {
+                out.failover
+                    .push(workload::failover(&mut *sys, fault, trials, 4, &mut (), quiet).await?);
+            }
+        }
+        drop(sys);
+    }
+    if cli.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("{}", submit_table(&out.submit));
+    if !out.failover.is_empty() {
+        println!("{}", failover_table(&out.failover));
+    }
+    println!("{}", ratio_table(&out));
+    Ok(())
+}
+
+/// The dispatcher's figures over each other system's: throughput ratios (higher is
+/// better for us) and failover ratios (their time over ours).
+fn ratio_table(out: &Comparison) -> Table {
+    let mut t = Table::new();
+    t.set_header(["figure", "dispatcher", "vs etcd", "vs zookeeper"]);
+    let ours = |c: usize| {
+        out.submit
+            .iter()
+            .find(|r| r.system == "dispatcher" && r.concurrency == c)
+    };
+    let theirs = |s: &str, c: usize| {
+        out.submit
+            .iter()
+            .find(|r| r.system == s && r.concurrency == c)
+    };
+    let mut levels: Vec<usize> = out.submit.iter().map(|r| r.concurrency).collect();
+    levels.sort_unstable();
+    levels.dedup();
+    for c in levels {
+        let Some(o) = ours(c) else { continue };
+        let ratio = |s: &str| {
+            theirs(s, c)
+                .map(|r| format!("{:.1}x", o.per_second / r.per_second))
+                .unwrap_or_else(|| "-".into())
+        };
+        t.add_row([
+            format!("writes/s, {c} submitters"),
+            format!("{:.0} (p50 {:.2} ms)", o.per_second, o.latency.p50_ms),
+            ratio("etcd"),
+            ratio("zookeeper"),
+        ]);
+    }
+    for fault in [Fault::Kill, Fault::Stop] {
+        let find = |s: &str| {
+            out.failover
+                .iter()
+                .find(|r| r.system == s && r.fault == fault)
+        };
+        let Some(o) = find("dispatcher") else {
+            continue;
+        };
+        let ratio = |s: &str| {
+            find(s)
+                .map(|r| format!("{:.1}x faster", r.median_ms / o.median_ms.max(0.001)))
+                .unwrap_or_else(|| "-".into())
+        };
+        t.add_row([
+            format!("leader {fault:?} -> next ack (median)").to_lowercase(),
+            format!("{:.0} ms", o.median_ms),
+            ratio("etcd"),
+            ratio("zookeeper"),
+        ]);
+    }
+    t
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dispatch-bench: cannot start the runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(&cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dispatch-bench: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The `recover` workload: a cluster holding a large state (many 2 KiB jobs, so that
+//! both the snapshot and the log behind it are large) is restarted, first one follower,
+//! then every replica at once; each time, the figure is how long until it serves
+//! linearizable reads again.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use comfy_table::Table;
+use dispatcher::client::Client;
+use dispatcher::proto::v1 as pb;
+use serde::Serialize;
+
+use crate::stats::progress;
+use crate::systems::dispatcher::{job_spec, Dispatcher};
+use crate::systems::System;
+
+/// Flags of `dispatch-bench recover`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RecoverArgs {
+    /// Jobs (2 KiB specs) in the state before the restarts.
+    #[arg(long, default_value_t = 20_000)]
+    pub jobs: u64,
+    /// Build a snapshot after this many log entries (so that the restart loads a
+    /// snapshot and replays a log tail).
+    #[arg(long, default_value_t = 5_000)]
+    pub snapshot_after_logs: u64,
+}
+
+/// What `recover` measured.
+#[derive(Debug, Serialize)]
+pub struct RecoverResult {
+    pub jobs: u64,
+    /// Bytes of one replica's data directory (sled log + snapshot).
+    pub data_dir_mib: f64,
+    /// kill -9 and restart of a follower to its first linearizable read answered
+    /// locally-caught-up (applied index at least the leader's at the kill).
+    pub follower_restart_ms: f64,
+    /// kill -9 of every replica, restart of all, to the first linearizable read.
+    pub full_restart_ms: f64,
+}
+
+impl RecoverResult {
+    /// The human table.
+    pub fn table(&self) -> Table {
+        let mut t = Table::new();
+        t.set_header(["figure", "value"]);
+        t.add_row([
+            "state".to_string(),
+            format!(
+                "{} jobs, {:.0} MiB per replica on disk",
+                self.jobs, self.data_dir_mib
+            ),
+        ]);
+        t.add_row([
+            "follower kill -9 -> caught up and reading".to_string(),
+            format!("{:.0} ms", self.follower_restart_ms),
+        ]);
+        t.add_row([
+            "all replicas kill -9 -> linearizable read".to_string(),
+            format!("{:.0} ms", self.full_restart_ms),
+        ]);
+        t
+    }
+}
+
+fn dir_bytes(p: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// A linearizable read of `job_id`, retried until `deadline`.
+async fn read_until(client: &Client, job_id: &str, deadline: Instant) -> anyhow::Result<()> {
+    loop {
+        if client.get_job(job_id, false).await.is_ok() {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no linearizable read in time");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// `dispatch-bench recover`.
+pub async fn run(
+    work: &Path,
+    bin_dir: &Path,
+    args: &RecoverArgs,
+    quiet: bool,
+) -> anyhow::Result<RecoverResult> {
+    let extra = vec![
+        "--snapshot-after-logs".to_string(),
+        args.snapshot_after_logs.to_string(),
+    ];
+    let mut sys = Dispatcher::start(work, bin_dir, 3, &extra)?;
+    crate::systems::wait_ready(&sys, Duration::from_secs(60)).await?;
+    let client = sys.client()?;
+
+    let bar = progress(args.jobs, "filling the state", quiet);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut fillers = Vec::new();
+    for _ in 0..64 {
+        let (client, next, bar, jobs) = (client.clone(), next.clone(), bar.clone(), args.jobs);
+        fillers.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < jobs {
+                let id = uuid::Uuid::new_v4().to_string();
+                client.submit_job(Some(id.clone()), job_spec(&id)).await?;
+                bar.inc(1);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for f in fillers {
+        f.await??;
+    }
+    bar.finish_and_clear();
+    let probe = client.submit_job(None, job_spec("probe")).await?.job_id;
+
+    // One follower.
+    let leader = sys.leader().await?;
+    let follower = (leader + 1) % 3;
+    let target = client
+        .replica_status(&sys.endpoints[leader])
+        .await?
+        .replicas
+        .first()
+        .map_or(0, |r| r.applied_index);
+    let data_dir_mib = dir_bytes(&sys.data_dirs[follower]) as f64 / (1024.0 * 1024.0);
+    sys.nodes()[follower].kill9();
+    let t = Instant::now();
+    sys.nodes()[follower].spawn()?;
+    let only = Client::connect(&[sys.endpoints[follower].as_str()])?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let caught_up = only
+            .replica_status(&sys.endpoints[follower])
+            .await
+            .ok()
+            .and_then(|s| s.replicas.first().map(|r| r.applied_index >= target))
+            .unwrap_or(false);
+        if caught_up {
+            read_until(&only, &probe, deadline).await?;
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the follower did not catch up");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let follower_restart_ms = t.elapsed().as_secs_f64() * 1000.0;
+
+    // Every replica.
+    for i in 0..3 {
+        sys.nodes()[i].kill9();
+    }
+    let t = Instant::now();
+    for i in 0..3 {
+        sys.nodes()[i].spawn()?;
+    }
+    read_until(&client, &probe, Instant::now() + Duration::from_secs(300)).await?;
+    let full_restart_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let listed = client
+        .list_jobs(pb::ListJobsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await?;
+    anyhow::ensure!(
+        !listed.jobs.is_empty(),
+        "the restarted cluster lists no job"
+    );
+    Ok(RecoverResult {
+        jobs: args.jobs,
+        data_dir_mib,
+        follower_restart_ms,
+        full_restart_ms,
+    })
+}
