@@ -97,9 +97,14 @@ impl Fleet {
             }));
         }
         drop(ready_tx);
+        // Each loop keeps its sender for life: count answers rather than wait for the
+        // channel to close.
         let mut ok = 0;
-        while let Some(r) = ready_rx.recv().await {
-            ok += usize::from(r);
+        for _ in 0..n {
+            match ready_rx.recv().await {
+                Some(r) => ok += usize::from(r),
+                None => break,
+            }
         }
         bar.finish_and_clear();
         anyhow::ensure!(ok == n, "only {ok} of {n} TaskManagers registered");

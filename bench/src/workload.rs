@@ -12,18 +12,25 @@ use serde::Serialize;
 use crate::stats::{median, ms, progress, Latency};
 use crate::systems::{System, Writer};
 
-/// Writes `key` until acknowledged or `deadline`, retrying with the same key.
+/// How long one try of a write may take before the workload retries it (on the same
+/// or, at the client's choice, another member). The same for every system, so that no
+/// client waits longer on a dead or frozen leader than another.
+pub const PER_TRY: Duration = Duration::from_millis(250);
+
+/// Writes `key` until acknowledged or `deadline`, retrying with the same key. Returns
+/// how many tries failed and when the successful try started.
 pub async fn write_until_acked(
     w: &dyn Writer,
     key: &str,
     deadline: Instant,
-) -> anyhow::Result<u32> {
+) -> anyhow::Result<(u32, Instant)> {
     let mut failures = 0;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         anyhow::ensure!(!left.is_zero(), "write {key} not acknowledged in time");
-        match w.write(key, left.min(Duration::from_secs(2))).await {
-            Ok(()) => return Ok(failures),
+        let tried = Instant::now();
+        match w.write(key, left.min(PER_TRY)).await {
+            Ok(()) => return Ok((failures, tried)),
             Err(_) => {
                 failures += 1;
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -84,7 +91,7 @@ pub async fn submit(
             while issued.fetch_add(1, Ordering::Relaxed) < bound.count && Instant::now() < stop_at {
                 let key = uuid::Uuid::new_v4().to_string();
                 let t = Instant::now();
-                let failed =
+                let (failed, _) =
                     write_until_acked(&*writer, &key, Instant::now() + Duration::from_secs(60))
                         .await?;
                 samples.push(t.elapsed());
@@ -137,6 +144,9 @@ pub struct FailoverResult {
 /// of every acknowledgement, relative to `base`.
 struct Stream {
     base: Instant,
+    /// When the latest acknowledged try was sent, in µs since `base`.
+    last_sent_us: Arc<AtomicU64>,
+    /// When the latest acknowledgement arrived, in µs since `base`.
     last_ack_us: Arc<AtomicU64>,
     acks: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -146,13 +156,15 @@ struct Stream {
 impl Stream {
     fn start(writer: Arc<dyn Writer>, writers: usize) -> Stream {
         let base = Instant::now();
+        let last_sent_us = Arc::new(AtomicU64::new(0));
         let last_ack_us = Arc::new(AtomicU64::new(0));
         let acks = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let tasks = (0..writers)
             .map(|_| {
-                let (writer, last, acks, stop) = (
+                let (writer, last, last_at, acks, stop) = (
                     writer.clone(),
+                    last_sent_us.clone(),
                     last_ack_us.clone(),
                     acks.clone(),
                     stop.clone(),
@@ -161,9 +173,14 @@ impl Stream {
                     while !stop.load(Ordering::Relaxed) {
                         let key = uuid::Uuid::new_v4().to_string();
                         let deadline = Instant::now() + Duration::from_secs(120);
-                        if write_until_acked(&*writer, &key, deadline).await.is_ok() {
+                        if let Ok((_, tried)) = write_until_acked(&*writer, &key, deadline).await {
+                            // An acknowledgement counts from when its successful try was
+                            // sent: an answer that was on its way before a fault (or sat
+                            // in a busy runtime) is no proof of recovery.
+                            let sent = tried.saturating_duration_since(base).as_micros() as u64;
                             let at = base.elapsed().as_micros() as u64;
-                            last.fetch_max(at, Ordering::Relaxed);
+                            last.fetch_max(sent, Ordering::Relaxed);
+                            last_at.fetch_max(at, Ordering::Relaxed);
                             acks.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -172,6 +189,7 @@ impl Stream {
             .collect();
         Stream {
             base,
+            last_sent_us,
             last_ack_us,
             acks,
             stop,
@@ -183,13 +201,13 @@ impl Stream {
         self.base.elapsed().as_micros() as u64
     }
 
-    /// Waits for an acknowledgement completed after `after_us`; returns its time.
+    /// Waits for the acknowledgement of a try sent after `after_us`; returns when an
+    /// acknowledgement arrived.
     async fn ack_after(&self, after_us: u64, timeout: Duration) -> anyhow::Result<u64> {
         let deadline = Instant::now() + timeout;
         loop {
-            let last = self.last_ack_us.load(Ordering::Relaxed);
-            if last > after_us {
-                return Ok(last);
+            if self.last_sent_us.load(Ordering::Relaxed) > after_us {
+                return Ok(self.last_ack_us.load(Ordering::Relaxed));
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
@@ -250,10 +268,7 @@ pub async fn failover(
                 Fault::Kill => sys.nodes()[leader].kill9(),
                 Fault::Stop => sys.nodes()[leader].pause(),
             }
-            // An answer already on the wire when the fault struck is not a recovery.
-            let next = stream
-                .ack_after(fault_at + 2_000, Duration::from_secs(60))
-                .await?;
+            let next = stream.ack_after(fault_at, Duration::from_secs(60)).await?;
             times.push((next - fault_at) as f64 / 1000.0);
             observer.after_recovery();
             match fault {

@@ -181,10 +181,12 @@ impl Client {
         addr
     }
 
-    fn learn(&self, addr: &str, outcome: &Result<(), &Status>) {
+    fn learn(&self, addr: &str, outcome: &Result<Option<String>, &Status>) {
         let mut preferred = self.preferred.lock().unwrap_or_else(|p| p.into_inner());
         match outcome {
-            Ok(()) => *preferred = Some(addr.to_string()),
+            // A forwarded answer names the leader: go there directly next time.
+            Ok(Some(leader)) => *preferred = Some(leader.clone()),
+            Ok(None) => *preferred = Some(addr.to_string()),
             Err(status) => {
                 let hint = status
                     .metadata()
@@ -201,6 +203,42 @@ impl Client {
     where
         F: Fn(Channel, Duration) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
+    {
+        self.call_hinted(|ch, t| {
+            let fut = op(ch, t);
+            async move { fut.await.map(|v| (v, None)) }
+        })
+        .await
+    }
+
+    /// As [`Client::call`] for a unary RPC whose answer may name the leader (a replica
+    /// that forwarded the call says where it went).
+    pub async fn call_unary<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_hinted(|ch, t| {
+            let fut = op(ch, t);
+            async move {
+                fut.await.map(|r| {
+                    let hint = r
+                        .metadata()
+                        .get(LEADER_ADDRESS_KEY)
+                        .and_then(|v| v.to_str().ok())
+                        .filter(|h| !h.is_empty())
+                        .map(str::to_string);
+                    (r.into_inner(), hint)
+                })
+            }
+        })
+        .await
+    }
+
+    async fn call_hinted<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<(T, Option<String>), Status>>,
     {
         let started = Instant::now();
         let attempts = Mutex::new(0usize);
@@ -219,7 +257,7 @@ impl Client {
                 ))),
             };
             match &result {
-                Ok(_) => self.learn(&addr, &Ok(())),
+                Ok((_, hint)) => self.learn(&addr, &Ok(hint.clone())),
                 Err(s) if retryable(s) => {
                     self.learn(&addr, &Err(s));
                     *last.lock().unwrap_or_else(|p| p.into_inner()) = s.clone();
@@ -235,7 +273,7 @@ impl Client {
             .without_max_times();
         let retried = attempt.retry(backoff).when(retryable);
         match tokio::time::timeout(self.config.timeout, retried).await {
-            Ok(Ok(v)) => Ok(v),
+            Ok(Ok((v, _))) => Ok(v),
             Ok(Err(s)) if !retryable(&s) => Err(ClientError::Rejected(s)),
             Ok(Err(s)) => Err(ClientError::Unavailable {
                 attempts: *attempts.lock().unwrap_or_else(|p| p.into_inner()),
@@ -258,7 +296,7 @@ impl Client {
         spec: pb::JobSpec,
     ) -> Result<pb::SubmitJobResponse, ClientError> {
         let job_id = job_id.unwrap_or_else(new_job_id);
-        self.call(|ch, t| {
+        self.call_unary(|ch, t| {
             let req = request(
                 pb::SubmitJobRequest {
                     job_id: job_id.clone(),
@@ -266,12 +304,7 @@ impl Client {
                 },
                 t,
             );
-            async move {
-                JobServiceClient::new(ch)
-                    .submit_job(req)
-                    .await
-                    .map(|r| r.into_inner())
-            }
+            async move { JobServiceClient::new(ch).submit_job(req).await }
         })
         .await
     }
@@ -304,14 +337,9 @@ impl Client {
         &self,
         req: pb::ListJobsRequest,
     ) -> Result<pb::ListJobsResponse, ClientError> {
-        self.call(|ch, t| {
+        self.call_unary(|ch, t| {
             let req = request(req.clone(), t);
-            async move {
-                JobServiceClient::new(ch)
-                    .list_jobs(req)
-                    .await
-                    .map(|r| r.into_inner())
-            }
+            async move { JobServiceClient::new(ch).list_jobs(req).await }
         })
         .await
     }
@@ -445,14 +473,9 @@ impl Client {
         &self,
         req: pb::RegisterRequest,
     ) -> Result<pb::RegisterResponse, ClientError> {
-        self.call(|ch, t| {
+        self.call_unary(|ch, t| {
             let req = request(req.clone(), t);
-            async move {
-                TaskManagerServiceClient::new(ch)
-                    .register(req)
-                    .await
-                    .map(|r| r.into_inner())
-            }
+            async move { TaskManagerServiceClient::new(ch).register(req).await }
         })
         .await
     }
@@ -462,14 +485,9 @@ impl Client {
         &self,
         req: pb::HeartbeatRequest,
     ) -> Result<pb::HeartbeatResponse, ClientError> {
-        self.call(|ch, t| {
+        self.call_unary(|ch, t| {
             let req = request(req.clone(), t);
-            async move {
-                TaskManagerServiceClient::new(ch)
-                    .heartbeat(req)
-                    .await
-                    .map(|r| r.into_inner())
-            }
+            async move { TaskManagerServiceClient::new(ch).heartbeat(req).await }
         })
         .await
     }
@@ -515,14 +533,9 @@ impl Client {
 
     /// Every replica's view, as one replica gathers it.
     pub async fn cluster_status(&self) -> Result<pb::StatusResponse, ClientError> {
-        self.call(|ch, t| {
+        self.call_unary(|ch, t| {
             let req = request(pb::StatusRequest { local_only: false }, t);
-            async move {
-                ClusterServiceClient::new(ch)
-                    .status(req)
-                    .await
-                    .map(|r| r.into_inner())
-            }
+            async move { ClusterServiceClient::new(ch).status(req).await }
         })
         .await
     }
@@ -548,7 +561,7 @@ impl Client {
         address: &str,
         promote: bool,
     ) -> Result<pb::AddNodeResponse, ClientError> {
-        self.call(|ch, t| {
+        self.call_unary(|ch, t| {
             let req = request(
                 pb::AddNodeRequest {
                     node_id,
@@ -557,26 +570,16 @@ impl Client {
                 },
                 t,
             );
-            async move {
-                ClusterServiceClient::new(ch)
-                    .add_node(req)
-                    .await
-                    .map(|r| r.into_inner())
-            }
+            async move { ClusterServiceClient::new(ch).add_node(req).await }
         })
         .await
     }
 
     /// Removes a replica.
     pub async fn remove_node(&self, node_id: u64) -> Result<pb::RemoveNodeResponse, ClientError> {
-        self.call(|ch, t| {
+        self.call_unary(|ch, t| {
             let req = request(pb::RemoveNodeRequest { node_id }, t);
-            async move {
-                ClusterServiceClient::new(ch)
-                    .remove_node(req)
-                    .await
-                    .map(|r| r.into_inner())
-            }
+            async move { ClusterServiceClient::new(ch).remove_node(req).await }
         })
         .await
     }

@@ -46,10 +46,13 @@ impl Default for RaftSettings {
         RaftSettings {
             // openraft 0.9 lets a follower that had a leader start an election only after
             // the leader lease (= the max timeout) plus its own timeout drawn once in
-            // [min, max]: 450-600 ms of silence with these. See docs/architecture.md.
+            // [min, max]: 260-320 ms of silence with these. The heartbeat stays at 50 ms
+            // because it is also the timeout of one AppendEntries call, which must fit a
+            // large batch and a follower's fsync on a busy machine. See
+            // docs/architecture.md and docs/benchmarks.md.
             heartbeat_ms: 50,
-            election_timeout_min_ms: 150,
-            election_timeout_max_ms: 300,
+            election_timeout_min_ms: 100,
+            election_timeout_max_ms: 160,
             snapshot_after_logs: 10_000,
             logs_kept_after_snapshot: 1_000,
             snapshot_chunk_bytes: 4 << 20,

@@ -67,6 +67,7 @@ impl Edge {
                 Route::Local => return Ok(None),
                 Route::Forward(channel, leader) => (channel, leader),
             };
+            let leader_addr = self.replica.leader().map(|(_, a)| a);
             let left = deadline.saturating_duration_since(Instant::now());
             match call(
                 channel,
@@ -78,7 +79,15 @@ impl Edge {
                     tracing::debug!(leader, error = %s, "forward failed; waiting for a leader");
                     self.wait_leader_change(leader, deadline).await;
                 }
-                other => return other.map(Some),
+                Ok(mut resp) => {
+                    // Tell the client where the leader is, so that its next call skips
+                    // this hop.
+                    if let Some(v) = leader_addr.and_then(|a| a.parse().ok()) {
+                        resp.metadata_mut().insert(status::LEADER_ADDRESS_KEY, v);
+                    }
+                    return Ok(Some(resp));
+                }
+                Err(s) => return Err(s),
             }
         }
     }
