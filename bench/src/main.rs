@@ -253,7 +253,8 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 let mut sys = Dispatcher::start(&dir, &bin_dir(cli), 3, &[])?;
                 systems::wait_ready(&sys, Duration::from_secs(60)).await?;
                 let mut tms =
-                    place::FailoverTms::with_client(sys.client()?, *task_managers).await?;
+                    place::FailoverTms::with_client(sys.client()?, &sys.endpoints, *task_managers)
+                        .await?;
                 let r = workload::failover(&mut sys, *fault, *trials, *writers, &mut tms, quiet)
                     .await?;
                 let report = tms.finish().await?;

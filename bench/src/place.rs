@@ -14,8 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use comfy_table::Table;
-use dispatcher::client::Client;
+use dispatcher::client::{Client, ClientConfig};
 use dispatcher::proto::v1 as pb;
 use serde::Serialize;
 
@@ -50,12 +51,23 @@ impl Fleet {
     /// Registers `n` TaskManagers of `slots` slots each (at most `parallel` registrations
     /// in flight) and starts their heartbeat loops.
     pub async fn start(
-        client: &Client,
+        endpoints: &[String],
         n: usize,
         slots: u32,
         parallel: usize,
         quiet: bool,
     ) -> anyhow::Result<Fleet> {
+        // Real TaskManagers each have their own connection; a few hundred simulated
+        // ones share one here (one HTTP/2 connection carrying ten thousand would hit the
+        // server's per-connection limits, which real fleets never meet). Tries get a
+        // generous timeout: a cancelled try resets its stream, and a flood of resets
+        // makes the server close the connection.
+        let mut cfg = ClientConfig::new(endpoints.to_vec());
+        cfg.timeout = Duration::from_secs(60);
+        cfg.per_try_timeout = Duration::from_secs(10);
+        let clients = (0..n.div_ceil(200).max(1))
+            .map(|_| Client::new(cfg.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
         let shared = Arc::new(Shared::default());
         let base = Instant::now();
         let last_ok: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
@@ -65,7 +77,7 @@ impl Fleet {
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
         for i in 0..n {
             let (client, shared, last_ok, sem, ready_tx, bar) = (
-                client.clone(),
+                clients[i % clients.len()].clone(),
                 shared.clone(),
                 last_ok.clone(),
                 sem.clone(),
@@ -329,7 +341,6 @@ impl PlaceResult {
 async fn census(client: &Client) -> anyhow::Result<(usize, u64)> {
     let jobs = client
         .list_all_jobs(pb::ListJobsRequest {
-            page_size: 100_000,
             stale: true,
             ..Default::default()
         })
@@ -362,12 +373,20 @@ pub async fn run(
     ];
     let mut sys = Dispatcher::start(work, bin_dir, 3, &extra)?;
     crate::systems::wait_ready(&sys, Duration::from_secs(60)).await?;
-    let client = sys.client()?;
+    // Submissions of 100-task jobs under this load take longer than the failover
+    // client's 250 ms tries; an abandoned try resets its stream, and a flood of resets
+    // makes the server close the connection.
+    let mut cfg = ClientConfig::new(sys.endpoints.clone());
+    cfg.timeout = Duration::from_secs(120);
+    cfg.per_try_timeout = Duration::from_secs(30);
+    let client = Client::new(cfg)?;
     let leader = sys.leader().await?;
     let rss_before = rss_mib(&sys.nodes()[leader]);
 
     let t = Instant::now();
-    let fleet = Fleet::start(&client, args.task_managers, args.slots, 256, quiet).await?;
+    let fleet = Fleet::start(&sys.endpoints, args.task_managers, args.slots, 256, quiet)
+        .await
+        .context("registering TaskManagers")?;
     let register_seconds = t.elapsed().as_secs_f64();
 
     let total = args.jobs as u64 * u64::from(args.tasks);
@@ -386,7 +405,8 @@ pub async fn run(
                 }
                 client
                     .submit_job(None, job(&format!("place-{i}"), tasks))
-                    .await?;
+                    .await
+                    .with_context(|| format!("submitting job {i}"))?;
                 bar.inc(1);
             }
         }));
@@ -400,7 +420,7 @@ pub async fn run(
     let deadline = Instant::now() + Duration::from_secs(600);
     let bar = progress(total, "tasks RUNNING", quiet);
     let running_seconds = loop {
-        let (placed, running) = census(&client).await?;
+        let (placed, running) = census(&client).await.context("listing jobs")?;
         bar.set_position(running);
         if placed == args.jobs && placed_at.is_none() {
             placed_at = Some(started.elapsed());
@@ -418,21 +438,22 @@ pub async fn run(
     bar.finish_and_clear();
     let placed_seconds = placed_at.map_or(running_seconds, |d| d.as_secs_f64());
 
-    // Listing every job through one replica, as `dispatchctl job list` does.
+    // Listing every job through one replica, as `dispatchctl job list` does (following
+    // pages), from its local state.
     let mut lists = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
         let n = client
-            .list_jobs(pb::ListJobsRequest {
-                page_size: 100_000,
+            .list_all_jobs(pb::ListJobsRequest {
                 stale: true,
                 ..Default::default()
             })
-            .await?
-            .jobs
+            .await
+            .context("listing jobs")?
             .len();
         lists.push(t.elapsed().as_secs_f64() * 1000.0);
-        anyhow::ensure!(n == args.jobs, "listed {n} of {} jobs", args.jobs);
+        // The readiness probe's submission is there too.
+        anyhow::ensure!(n > args.jobs, "listed {n} of {} jobs", args.jobs);
     }
     let leader = sys.leader().await?;
     let rss_after = rss_mib(&sys.nodes()[leader]);
@@ -498,8 +519,12 @@ impl TmReport {
 impl FailoverTms {
     /// Registers `n` simulated TaskManagers of two slots each and runs one job on all
     /// their slots.
-    pub async fn with_client(client: Client, n: usize) -> anyhow::Result<Self> {
-        let fleet = Fleet::start(&client, n, 2, 64, true).await?;
+    pub async fn with_client(
+        client: Client,
+        endpoints: &[String],
+        n: usize,
+    ) -> anyhow::Result<Self> {
+        let fleet = Fleet::start(endpoints, n, 2, 64, true).await?;
         let tasks = (n * 2) as u32;
         let job_id = client
             .submit_job(None, job("failover-witness", tasks))
