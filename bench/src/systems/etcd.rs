@@ -221,12 +221,8 @@ impl System for Etcd {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use super::*;
-    use crate::systems::wait_ready;
 
-    /// Starts a cluster, writes, kills the leader, checks writes resume, restarts it.
     /// Needs `etcd` (scripts/bench-deps.sh). Run with
     /// `cargo test -p dispatch-bench --bin dispatch-bench -- --ignored --nocapture etcd`.
     #[tokio::test(flavor = "multi_thread")]
@@ -234,92 +230,6 @@ mod tests {
     async fn etcd_failover() -> anyhow::Result<()> {
         let work = tempfile::tempdir()?;
         let mut sys = Etcd::start(work.path(), None).await?;
-        let started = Instant::now();
-        wait_ready(&sys, Duration::from_secs(60)).await?;
-        let leader = sys.leader().await?;
-        println!(
-            "etcd ready after {:?}, leader e{}",
-            started.elapsed(),
-            leader + 1
-        );
-
-        let w = sys.writer().await?;
-        let mut lat = Vec::new();
-        for i in 0..100 {
-            let t = Instant::now();
-            w.write(&format!("k{i}"), Duration::from_secs(2)).await?;
-            lat.push(t.elapsed());
-        }
-        lat.sort();
-        println!(
-            "100 sequential puts: p50 {:?}, p99 {:?}, max {:?}",
-            lat[50], lat[98], lat[99]
-        );
-
-        sys.nodes()[leader].kill9();
-        let killed = Instant::now();
-        let mut failures = 0;
-        let mut n = 0;
-        loop {
-            n += 1;
-            match w
-                .write(&format!("after-{n}"), Duration::from_millis(500))
-                .await
-            {
-                Ok(()) => break,
-                Err(e) => {
-                    failures += 1;
-                    anyhow::ensure!(
-                        killed.elapsed() < Duration::from_secs(15),
-                        "no write within 15 s of killing the leader: {e:#}"
-                    );
-                }
-            }
-        }
-        println!(
-            "first write {:?} after kill -9 of e{} ({failures} failed tries)",
-            killed.elapsed(),
-            leader + 1
-        );
-        let new_leader = loop {
-            match sys.leader().await {
-                Ok(l) => break l,
-                Err(e) if killed.elapsed() > Duration::from_secs(15) => return Err(e),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
-        anyhow::ensure!(
-            new_leader != leader,
-            "killed member still reported as leader"
-        );
-        println!("new leader e{}", new_leader + 1);
-
-        sys.nodes()[leader].spawn()?;
-        let restarted = Instant::now();
-        loop {
-            if status(sys.channels[leader].clone()).await.is_ok() {
-                break;
-            }
-            anyhow::ensure!(
-                restarted.elapsed() < Duration::from_secs(30),
-                "restarted member does not answer"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        println!(
-            "e{} answers again after {:?}",
-            leader + 1,
-            restarted.elapsed()
-        );
-        for i in 0..10 {
-            w.write(&format!("late-{i}"), Duration::from_secs(2))
-                .await?;
-        }
-        let leader_now = sys.leader().await?;
-        let ids = sys.member_ids.lock().map(|m| m.clone()).unwrap_or_default();
-        println!("leader now e{}; member ids {ids:x?}", leader_now + 1);
-        drop(w);
-        drop(sys);
-        Ok(())
+        crate::systems::kill_leader_smoke(&mut sys, Duration::from_secs(60)).await
     }
 }

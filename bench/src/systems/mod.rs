@@ -69,3 +69,59 @@ pub fn record(key: &str) -> Vec<u8> {
     v.extend_from_slice(b"\"}");
     v
 }
+
+/// A manual check of a system's launcher and client (the `#[ignore]` tests of each
+/// system): it gets ready, takes writes, elects another leader when its leader is
+/// killed, and takes writes again with the old leader restarted.
+#[cfg(test)]
+pub async fn kill_leader_smoke(sys: &mut dyn System, ready_within: Duration) -> anyhow::Result<()> {
+    use std::time::Instant;
+    let started = Instant::now();
+    wait_ready(&*sys, ready_within).await?;
+    let leader = sys.leader().await?;
+    println!(
+        "{} ready after {:?}, leader {}",
+        sys.name(),
+        started.elapsed(),
+        leader + 1
+    );
+    let w = sys.writer().await?;
+    let mut lat = Vec::new();
+    for _ in 0..100 {
+        let t = Instant::now();
+        w.write(&uuid::Uuid::new_v4().to_string(), Duration::from_secs(2))
+            .await?;
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    println!(
+        "100 sequential writes: p50 {:?}, p99 {:?}",
+        lat[49], lat[98]
+    );
+    sys.nodes()[leader].kill9();
+    let killed = Instant::now();
+    let key = uuid::Uuid::new_v4().to_string();
+    crate::workload::write_until_acked(&*w, &key, killed + Duration::from_secs(15)).await?;
+    println!(
+        "first write {:?} after kill -9 of the leader",
+        killed.elapsed()
+    );
+    let new_leader = loop {
+        match sys.leader().await {
+            Ok(l) => break l,
+            Err(e) if killed.elapsed() > Duration::from_secs(15) => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    anyhow::ensure!(
+        new_leader != leader,
+        "the killed member is still reported as leader"
+    );
+    sys.nodes()[leader].spawn()?;
+    for _ in 0..10 {
+        let key = uuid::Uuid::new_v4().to_string();
+        crate::workload::write_until_acked(&*w, &key, Instant::now() + Duration::from_secs(15))
+            .await?;
+    }
+    Ok(())
+}

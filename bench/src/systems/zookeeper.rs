@@ -291,12 +291,8 @@ impl System for ZooKeeper {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use super::*;
-    use crate::systems::wait_ready;
 
-    /// Starts an ensemble, writes, kills the leader, checks writes resume, restarts it.
     /// Needs Debian's zookeeper and a JRE (scripts/bench-deps.sh). Run with
     /// `cargo test -p dispatch-bench --bin dispatch-bench -- --ignored --nocapture zookeeper`.
     #[tokio::test(flavor = "multi_thread")]
@@ -304,96 +300,6 @@ mod tests {
     async fn zookeeper_failover() -> anyhow::Result<()> {
         let work = tempfile::tempdir()?;
         let mut sys = ZooKeeper::start(work.path()).await?;
-        let started = Instant::now();
-        wait_ready(&sys, Duration::from_secs(90)).await?;
-        let leader = sys.leader().await?;
-        println!(
-            "zookeeper ready after {:?}, leader {}",
-            started.elapsed(),
-            leader + 1
-        );
-
-        let w = sys.writer().await?;
-        let mut lat = Vec::new();
-        for i in 0..100 {
-            let t = Instant::now();
-            w.write(&format!("k{i}"), Duration::from_secs(2)).await?;
-            lat.push(t.elapsed());
-        }
-        lat.sort();
-        println!(
-            "100 sequential creates: p50 {:?}, p99 {:?}, max {:?}",
-            lat[50], lat[98], lat[99]
-        );
-        // A retried write of an existing key succeeds.
-        w.write("k0", Duration::from_secs(2)).await?;
-
-        sys.nodes()[leader].kill9();
-        let killed = Instant::now();
-        let mut failures = 0;
-        let mut n = 0;
-        loop {
-            n += 1;
-            match w
-                .write(&format!("after-{n}"), Duration::from_millis(500))
-                .await
-            {
-                Ok(()) => break,
-                Err(e) => {
-                    failures += 1;
-                    anyhow::ensure!(
-                        killed.elapsed() < Duration::from_secs(15),
-                        "no write within 15 s of killing the leader: {e:#}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-        println!(
-            "first write {:?} after kill -9 of server {} ({failures} failed tries)",
-            killed.elapsed(),
-            leader + 1
-        );
-        let new_leader = loop {
-            match sys.leader().await {
-                Ok(l) => break l,
-                Err(e) if killed.elapsed() > Duration::from_secs(15) => return Err(e),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
-        anyhow::ensure!(
-            new_leader != leader,
-            "killed server still reported as leader"
-        );
-        println!("new leader {}", new_leader + 1);
-
-        sys.nodes()[leader].spawn()?;
-        let restarted = Instant::now();
-        loop {
-            let back = srvr(sys.client_ports[leader])
-                .await
-                .is_ok_and(|t| t.contains("Mode: follower"));
-            if back {
-                break;
-            }
-            anyhow::ensure!(
-                restarted.elapsed() < Duration::from_secs(30),
-                "restarted server does not follow"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        println!(
-            "server {} follows again after {:?}",
-            leader + 1,
-            restarted.elapsed()
-        );
-        for i in 0..10 {
-            w.write(&format!("late-{i}"), Duration::from_secs(2))
-                .await?;
-        }
-        println!("leader now {}", sys.leader().await? + 1);
-        drop(w);
-        drop(sys);
-        Ok(())
+        crate::systems::kill_leader_smoke(&mut sys, Duration::from_secs(90)).await
     }
 }
