@@ -342,6 +342,7 @@ async fn census(client: &Client) -> anyhow::Result<(usize, u64)> {
     let jobs = client
         .list_all_jobs(pb::ListJobsRequest {
             stale: true,
+            page_size: 1000,
             ..Default::default()
         })
         .await?;
@@ -446,6 +447,7 @@ pub async fn run(
         let n = client
             .list_all_jobs(pb::ListJobsRequest {
                 stale: true,
+                page_size: 1000,
                 ..Default::default()
             })
             .await

@@ -40,6 +40,11 @@ pub struct RecoverResult {
     pub follower_restart_ms: f64,
     /// kill -9 of every replica, restart of all, to the first linearizable read.
     pub full_restart_ms: f64,
+    /// Listing every job (ids and states, following pages) from one replica's local
+    /// state: median of 5, in ms.
+    pub list_all_ms: f64,
+    /// Listing the first 10,000 jobs the same way: median of 5, in ms.
+    pub list_10k_ms: f64,
 }
 
 impl RecoverResult {
@@ -61,6 +66,14 @@ impl RecoverResult {
         t.add_row([
             "all replicas kill -9 -> linearizable read".to_string(),
             format!("{:.0} ms", self.full_restart_ms),
+        ]);
+        t.add_row([
+            "list 10,000 jobs through one replica".to_string(),
+            format!("{:.1} ms", self.list_10k_ms),
+        ]);
+        t.add_row([
+            format!("list all {} jobs through one replica", self.jobs),
+            format!("{:.1} ms", self.list_all_ms),
         ]);
         t
     }
@@ -167,20 +180,40 @@ pub async fn run(
     }
     read_until(&client, &probe, Instant::now() + Duration::from_secs(300)).await?;
     let full_restart_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let listed = client
-        .list_jobs(pb::ListJobsRequest {
-            page_size: 1,
-            ..Default::default()
-        })
-        .await?;
-    anyhow::ensure!(
-        !listed.jobs.is_empty(),
-        "the restarted cluster lists no job"
-    );
+    let list_all_ms = list_ms(&only, None).await?;
+    let list_10k_ms = list_ms(&only, Some(10_000)).await?;
     Ok(RecoverResult {
         jobs: args.jobs,
         data_dir_mib,
         follower_restart_ms,
         full_restart_ms,
+        list_all_ms,
+        list_10k_ms,
     })
+}
+
+/// Median of 5 listings of (at most about `limit`) jobs through `client`'s one replica,
+/// following pages as `dispatchctl job list` does, served from its local state.
+async fn list_ms(client: &Client, limit: Option<usize>) -> anyhow::Result<f64> {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let mut req = pb::ListJobsRequest {
+            stale: true,
+            page_size: 1000,
+            ..Default::default()
+        };
+        let mut n = 0;
+        loop {
+            let page = client.list_jobs(req.clone()).await?;
+            n += page.jobs.len();
+            if page.next_page_token.is_empty() || limit.is_some_and(|l| n >= l) {
+                break;
+            }
+            req.page_token = page.next_page_token;
+        }
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(n > 0, "the restarted cluster lists no job");
+    }
+    Ok(crate::stats::median(&times))
 }
