@@ -1,7 +1,7 @@
 # Everything a developer or CI runs. `make test` is the test command CI calls.
 CARGO ?= cargo
 
-.PHONY: all build cluster chaos chaos-smoke image compose-up compose-down compose-test k8s-validate python-deps test fmt fmt-check lint doc verify bench bench-bins bench-compare clean
+.PHONY: all build cluster chaos chaos-smoke image compose-up compose-down compose-test k8s-validate python-deps test fmt fmt-check lint doc verify bench bench-bins bench-compare bench-1m clean
 
 all: build
 
@@ -90,15 +90,20 @@ bench-bins:
 ## Benchmarks (docs/benchmarks.md): state-machine apply and placement and durable log
 ## appends (criterion), then a real three-replica cluster under dispatch-bench: submit
 ## at 1/16/64/256 submitters, failover (kill -9 and SIGSTOP of the leader), placement of
-## 1,000,000 tasks on 10,000 simulated TaskManagers, and recovery of a large state.
+## 100,000 tasks on 10,000 simulated TaskManagers, and recovery of a large state.
 bench: bench-bins
 	$(CARGO) bench --bench apply
 	$(CARGO) bench --bench storage
 	$(BENCH) submit --concurrency 1,16,64,256 --count 10000 --seconds 20
 	$(BENCH) failover --fault kill --trials 10
 	$(BENCH) failover --fault stop --trials 10
-	$(BENCH) place --task-managers 10000 --slots 100 --jobs 10000 --tasks 100
+	$(BENCH) place --task-managers 10000 --slots 100 --jobs 1000 --tasks 100
 	$(BENCH) recover --jobs 20000
+
+## The placement goal: 1,000,000 tasks on 10,000 TaskManagers x 100 slots. It does not
+## finish yet (docs/benchmarks.md says where it stalls), so it is not part of `bench`.
+bench-1m: bench-bins
+	$(BENCH) place --task-managers 10000 --slots 100 --jobs 10000 --tasks 100
 
 ## The same submit and failover workloads against 3-member etcd 3.4 and ZooKeeper 3.8
 ## clusters (installed from Debian's packages if missing), then ours, with ratios.
