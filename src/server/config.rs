@@ -443,7 +443,7 @@ mod tests {
         let path = dir.path().join("replica.toml");
         std::fs::write(
             &path,
-            "id = 2\nheartbeat_ms = 50\nelection_timeout_min_ms = 200\n",
+            "id = 2\nheartbeat_ms = 50\nelection_timeout_min_ms = 120\n",
         )
         .expect("write");
         let c = Args {
