@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use dispatcher::client::{Client, ClientConfig, ClientError};
+use dispatcher::client::{Client, ClientConfig};
 use dispatcher::proto::v1 as pb;
 
 use super::{record, System, Writer};
@@ -151,9 +151,8 @@ impl System for Dispatcher {
             if !self.nodes[i].running() {
                 continue;
             }
-            let status = match client.replica_status(e).await {
-                Ok(s) => s,
-                Err(ClientError::Rejected(_)) | Err(_) => continue,
+            let Ok(status) = client.replica_status(e).await else {
+                continue;
             };
             let leads = status
                 .replicas
