@@ -54,6 +54,9 @@ $(PYENV)/.installed: tests/python/requirements.txt
 ## Every test of the workspace: unit, property (256+ cases each), raft, end-to-end,
 ## then a short chaos run with a fixed seed so the harness cannot rot.
 test: python-deps
+	# The end-to-end tests run the binaries of other packages, which cargo test does
+	# not build for them: build them first.
+	$(CARGO) build --workspace --bins
 	DISPATCHER_PYTHON=$(CURDIR)/$(PYENV)/bin/python $(CARGO) test --workspace --all-targets
 	$(MAKE) chaos-smoke
 
@@ -85,7 +88,7 @@ chaos-smoke:
 BENCH := target/release/dispatch-bench
 
 bench-bins:
-	$(CARGO) build --release --bins -p dispatcher -p dispatch-bench
+	$(CARGO) build --release --bins -p dispatcher-server -p dispatcher-client -p dispatch-bench
 
 ## Benchmarks (docs/benchmarks.md): state-machine apply and placement and durable log
 ## appends (criterion), then a real three-replica cluster under dispatch-bench: submit

@@ -1,18 +1,17 @@
 //! End-to-end tests of `dispatchctl` and the client library against a real three-replica
 //! cluster of `dispatcher` processes on loopback.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::{sleep_job, ProcCluster};
-use dispatcher::client::new_job_id;
+use dispatcher_client::new_job_id;
+use dispatcher_testkit::spec::sleep_job;
+use dispatcher_testkit::ProcCluster;
 
 const T: Duration = Duration::from_secs(30);
 
 fn ctl(endpoints: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dispatchctl"))
+    let out = Command::new(dispatcher_testkit::bin("dispatchctl"))
         .args(["--endpoints", endpoints, "--timeout", "20"])
         .args(args)
         .output()
@@ -62,7 +61,7 @@ async fn submit_through_a_follower_then_list_status_and_cancel_on_every_replica(
             out.contains("CREATED") && out.contains("SCHEDULED"),
             "{out}"
         );
-        let listed = common::wait_for(T, "the replica applied the job", || async {
+        let listed = dispatcher_testkit::wait_for(T, "the replica applied the job", || async {
             let (code, out, _) = ctl(&p.addr, &["-o", "json", "job", "list", "--stale"]);
             (code == 0 && out.contains(&id)).then_some(out)
         })
@@ -176,7 +175,7 @@ async fn bad_input_is_refused_with_the_file_field_and_reason_and_changes_nothing
             .is_empty(),
         "nothing invalid was stored"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_dispatchctl"))
+    let out = Command::new(dispatcher_testkit::bin("dispatchctl"))
         .args([
             "--endpoints",
             "127.0.0.1:9",
@@ -214,7 +213,7 @@ async fn watch_streams_changes_until_the_job_is_terminal() {
     let first = events.next().await.expect("an event").expect("ok");
     assert_eq!(
         first.job.expect("job").state,
-        dispatcher::proto::v1::JobState::Created as i32
+        dispatcher_proto::v1::JobState::Created as i32
     );
     client.cancel_job(&id).await.expect("cancel");
     let (code, out, err) = watcher.join().expect("watcher");

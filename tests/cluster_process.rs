@@ -1,13 +1,13 @@
 //! End-to-end tests of the `dispatcher` binary: three replica processes on loopback,
 //! killed with SIGKILL and restarted from their data directories.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{dispatcher_bin, sleep_job, ProcCluster};
-use dispatcher::client::new_job_id;
+use dispatcher_client::new_job_id;
+use dispatcher_testkit::cluster::dispatcher_bin;
+use dispatcher_testkit::spec::sleep_job;
+use dispatcher_testkit::ProcCluster;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -66,19 +66,19 @@ async fn a_replica_killed_mid_stream_loses_no_acknowledged_write() {
             }
         })
     };
-    common::wait_for(T, "some writes before the kill", || async {
+    dispatcher_testkit::wait_for(T, "some writes before the kill", || async {
         (acked.lock().expect("acked").len() >= 20).then_some(())
     })
     .await;
     c.kill(leader);
     let at_kill = acked.lock().expect("acked").len();
-    common::wait_for(T, "writes after the kill", || async {
+    dispatcher_testkit::wait_for(T, "writes after the kill", || async {
         (acked.lock().expect("acked").len() >= at_kill + 20).then_some(())
     })
     .await;
     c.spawn(leader);
     c.leader(&client, T, "the killed replica is back").await;
-    common::wait_for(T, "writes after the restart", || async {
+    dispatcher_testkit::wait_for(T, "writes after the restart", || async {
         (acked.lock().expect("acked").len() >= at_kill + 40).then_some(())
     })
     .await;
@@ -102,7 +102,7 @@ async fn a_replica_killed_mid_stream_loses_no_acknowledged_write() {
     }
     // Every replica, read locally, has every acknowledged job.
     for p in c.procs.values() {
-        let one = dispatcher::client::Client::connect(&[&p.addr]).expect("client");
+        let one = dispatcher_client::Client::connect(&[&p.addr]).expect("client");
         for id in acked.iter().step_by(7) {
             one.get_job(id, true)
                 .await
@@ -194,7 +194,7 @@ fn a_data_directory_of_another_cluster_or_replica_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("d");
     let data = data.to_str().expect("utf-8 path");
-    let port = common::free_ports(1)[0].to_string();
+    let port = dispatcher_testkit::free_ports(1).expect("a free port")[0].to_string();
     let listen = format!("127.0.0.1:{port}");
     let log = dir.path().join("alpha.log");
     let mut child = std::process::Command::new(dispatcher_bin())
@@ -283,7 +283,7 @@ async fn a_backup_restores_into_a_new_cluster() {
             .addr
             .clone()
     };
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dispatchctl"))
+    let out = std::process::Command::new(dispatcher_testkit::bin("dispatchctl"))
         .args(["--endpoints", &follower, "cluster", "snapshot", "save"])
         .arg(&backup_file)
         .output()
@@ -293,7 +293,7 @@ async fn a_backup_restores_into_a_new_cluster() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let backup = dispatcher::backup::Backup::read(&backup_file).expect("a valid backup");
+    let backup = dispatcher_core::backup::Backup::read(&backup_file).expect("a valid backup");
     drop(a);
 
     let file = backup_file.to_str().expect("utf-8");
@@ -301,14 +301,14 @@ async fn a_backup_restores_into_a_new_cluster() {
     let client = b.client();
     b.leader(&client, T, "the restored cluster").await;
     for id in &ids {
-        common::wait_for(T, "the restored job", || async {
+        dispatcher_testkit::wait_for(T, "the restored job", || async {
             client.get_job(id, false).await.ok()
         })
         .await;
     }
     assert_eq!(
         client.get_job(&ids[0], false).await.expect("job").state,
-        dispatcher::proto::v1::JobState::Canceled as i32
+        dispatcher_proto::v1::JobState::Canceled as i32
     );
     let (_, digest) = b.converged(&client, T, "the restored cluster").await;
     assert_eq!(

@@ -3,11 +3,9 @@
 //! reflection. The interpreter comes from `DISPATCHER_PYTHON` (`make test` sets it to the
 //! virtualenv `make python-deps` builds).
 
-mod common;
-
 use std::time::Duration;
 
-use common::ProcCluster;
+use dispatcher_testkit::ProcCluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_grpc_client_submits_lists_checks_health_and_reflects() {

@@ -3,13 +3,12 @@
 //! TaskManager's tasks move, a dead leader restarts nothing, an expired TaskManager that
 //! comes back stops its stale attempts, and a job too big waits for capacity.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{alive, wait_for, ProcCluster};
-use dispatcher::client::Client;
-use dispatcher::proto::v1 as pb;
+use dispatcher_client::Client;
+use dispatcher_proto::v1 as pb;
+use dispatcher_testkit::signal::alive;
+use dispatcher_testkit::{wait_for, ProcCluster};
 
 const T: Duration = Duration::from_secs(40);
 

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use comfy_table::Table;
-use dispatcher::client::{Client, ClientConfig};
-use dispatcher::proto::v1 as pb;
+use dispatcher_client::{Client, ClientConfig};
+use dispatcher_proto::v1 as pb;
 use serde::Serialize;
 
 use crate::procs::Node;

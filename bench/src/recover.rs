@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use comfy_table::Table;
-use dispatcher::client::Client;
-use dispatcher::proto::v1 as pb;
+use dispatcher_client::Client;
+use dispatcher_proto::v1 as pb;
 use serde::Serialize;
 
 use crate::stats::progress;

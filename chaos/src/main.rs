@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use dispatcher::client::{Client, ClientConfig};
+use dispatcher_client::{Client, ClientConfig};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -219,14 +219,14 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
     match client
         .submit_job(
             None,
-            dispatcher::proto::v1::JobSpec {
+            dispatcher_proto::v1::JobSpec {
                 name: "after-heal".into(),
-                vertices: vec![dispatcher::proto::v1::Vertex {
+                vertices: vec![dispatcher_proto::v1::Vertex {
                     name: "v".into(),
                     parallelism: 1,
-                    task: Some(dispatcher::proto::v1::Task {
-                        kind: Some(dispatcher::proto::v1::task::Kind::Sleep(
-                            dispatcher::proto::v1::SleepTask { duration_ms: 10 },
+                    task: Some(dispatcher_proto::v1::Task {
+                        kind: Some(dispatcher_proto::v1::task::Kind::Sleep(
+                            dispatcher_proto::v1::SleepTask { duration_ms: 10 },
                         )),
                     }),
                     node_selector: Default::default(),

@@ -216,7 +216,7 @@ pub fn inject(
 
 /// Membership churn of replica `id`: remove it, wipe it, start it afresh (never
 /// bootstrapping) and add it back as a voter. Returns what happened.
-pub async fn churn(c: &mut Cluster, client: &dispatcher::client::Client, id: u64) -> String {
+pub async fn churn(c: &mut Cluster, client: &dispatcher_client::Client, id: u64) -> String {
     if let Err(e) = client.remove_node(id).await {
         return format!("remove {id} refused: {e}");
     }

@@ -5,8 +5,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dispatcher::client::{Client, ClientConfig, ClientError};
-use dispatcher::proto::v1 as pb;
+use dispatcher_client::{Client, ClientConfig, ClientError};
+use dispatcher_proto::v1 as pb;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -191,4 +191,4 @@ pub async fn client(
     }
 }
 
-pub use dispatcher::proto::job_state_name as state_name;
+pub use dispatcher_proto::job_state_name as state_name;

@@ -14,12 +14,12 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dispatcher::codec;
-use dispatcher::raft::replica::{RaftSettings, Replica, ReplicaOptions, WriteError};
-use dispatcher::raft::{Applied, Node, NodeId, TypeConfig};
-use dispatcher::state::{
+use dispatcher_core::codec;
+use dispatcher_core::state::{
     ClusterConfig, Command, JobId, JobSpec, RestartStrategy, TaskSpec, VertexSpec,
 };
+use dispatcher_server::raft::replica::{RaftSettings, Replica, ReplicaOptions, WriteError};
+use dispatcher_server::raft::{Applied, Node, NodeId, TypeConfig};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use dispatcher::client::{Client, ClientConfig};
-use dispatcher::proto::v1 as pb;
+use dispatcher_client::{Client, ClientConfig};
+use dispatcher_proto::v1 as pb;
 
 use super::{record, System, Writer};
 use crate::procs::{free_port, Node};

@@ -1,0 +1,45 @@
+//! `taskmanager`: a worker agent that runs the tasks the dispatcher leader assigns to it.
+//!
+//! Exit status: 0 after SIGTERM or Ctrl-C (tasks stopped, unregistered), 2 for bad
+//! flags, 1 if the agent cannot run.
+
+use clap::Parser;
+use dispatcher_client::taskmanager::Args;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() {
+    let config = match Args::parse().into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("taskmanager: {e}");
+            std::process::exit(2);
+        }
+    };
+    let filter = EnvFilter::try_from_env("TASKMANAGER_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,tower=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    tracing::info!(id = %config.id, slots = config.slots, work_dir = %config.work_dir.display(), "taskmanager starting");
+    if let Err(e) = dispatcher_client::taskmanager::run(config, shutdown_signal()).await {
+        eprintln!("taskmanager: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! `dispatcher`: one replica (Raft node + gRPC server + sled data directory).
+//!
+//! Parses flags (and `DISPATCHER_*`, and `--config`), sets up logging, and runs the
+//! replica until SIGTERM or Ctrl-C. Exit status: 0 after a clean shutdown, 2 for a bad
+//! configuration, 1 when the replica cannot start or fails.
+
+use clap::Parser;
+use dispatcher_server::server::config::{Args, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dispatcher: {e}");
+            std::process::exit(2);
+        }
+    };
+    let filter = EnvFilter::try_from_env("DISPATCHER_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    if let Err(e) = dispatcher_server::server::run(config, shutdown_signal()).await {
+        tracing::error!("{e}");
+        eprintln!("dispatcher: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+    }
+}

@@ -1,0 +1,20 @@
+//! A dispatcher replica: Raft replication of the state machine over sled, the gRPC edge
+//! and its services, and the leader's time-based duties. The `dispatcher` binary is a
+//! thin `main` over [`server::run`].
+//!
+//! Module map (see `docs/architecture.md` for the whole picture):
+//!
+//! - [`leader`]: the leader's time-based duties (TaskManager leases, due restarts,
+//!   retention purge), turned into commands.
+//! - [`raft`]: replication: openraft types, the sled log store, the state-machine store,
+//!   the peer transport and the replica.
+//! - [`server`]: the gRPC edge: services, error mapping, forwarding, configuration, `run`.
+//!
+//! The state machine, codec and backups are `dispatcher-core`; the contract is
+//! `dispatcher-proto`. Architecture invariant: `raft` knows nothing of gRPC services,
+//! and nothing here is used by the client crate.
+#![deny(missing_docs)]
+
+pub mod leader;
+pub mod raft;
+pub mod server;

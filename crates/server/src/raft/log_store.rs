@@ -1,0 +1,467 @@
+#![allow(clippy::result_large_err)] // openraft fixes the error type of the storage traits
+//! The Raft log on sled: entries, the vote, the committed id and the last purged id.
+//!
+//! Layout (one sled database under `<data-dir>/raft`):
+//! - tree `log`: big-endian `u64` index → codec-encoded `Entry`;
+//! - tree `meta`: `vote`, `committed`, `last_purged`, and the replica's identity
+//!   (`identity`: cluster name, node id, format version), each codec-encoded.
+//!
+//! Durability contract: sled's `flush` writes its buffers with `sync_file_range`, which
+//! neither survives a power loss on every file system nor persists the file's growing
+//! size. So after every flush we `fdatasync` sled's data file and every blob file sled
+//! wrote since the last sync (sled writes large values and large tree nodes as separate
+//! files under `blobs/` and never syncs them), then the `blobs/` directory. The append
+//! callback fires, and `save_vote` returns, only after that.
+
+use std::fmt::Debug;
+use std::fs::File;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{AnyError, ErrorSubject, ErrorVerb, LogState, RaftLogReader, StorageIOError, Vote};
+use serde::{Deserialize, Serialize};
+
+use super::{LogId, NodeId, StorageError, TypeConfig};
+use dispatcher_core::codec;
+
+type Entry = openraft::Entry<TypeConfig>;
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+const KEY_IDENTITY: &[u8] = b"identity";
+
+/// Who a data directory belongs to, written once when it is created.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The cluster's name.
+    pub cluster: String,
+    /// This replica's id.
+    pub node_id: NodeId,
+}
+
+/// Why a data directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// sled could not open the directory.
+    #[error("cannot open the Raft log in {path}: {source}")]
+    Sled {
+        /// The directory.
+        path: PathBuf,
+        /// sled's error.
+        source: sled::Error,
+    },
+    /// The directory belongs to another cluster or replica.
+    #[error("{path} belongs to cluster {found_cluster:?} node {found_node}, not cluster {cluster:?} node {node}")]
+    WrongIdentity {
+        /// The directory.
+        path: PathBuf,
+        /// Its cluster.
+        found_cluster: String,
+        /// Its node id.
+        found_node: NodeId,
+        /// The configured cluster.
+        cluster: String,
+        /// The configured node id.
+        node: NodeId,
+    },
+    /// Written by a newer (or unknown) format.
+    #[error("{path}: {source}")]
+    Format {
+        /// The directory.
+        path: PathBuf,
+        /// The codec's complaint.
+        source: codec::CodecError,
+    },
+    /// A file system operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// How far an append goes before it is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// sled flush, then `fdatasync` of its files: survives power loss. The default.
+    Fsync,
+    /// sled flush only (`sync_file_range`): what sled alone provides. Survives a process
+    /// crash but not a power loss; only for measuring what durability costs.
+    FlushOnly,
+}
+
+/// The sled-backed Raft log. Cheap to clone: clones share the database.
+#[derive(Clone)]
+pub struct LogStore {
+    durability: Durability,
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+    dir: Arc<PathBuf>,
+    /// sled's data file, kept open to `fdatasync` it after every flush.
+    data_file: Arc<File>,
+    /// Blob files already synced (sled never rewrites a blob file in place).
+    synced_blobs: Arc<std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>>,
+}
+
+fn io_err(
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError {
+    StorageIOError::new(subject, verb, AnyError::new(&e)).into()
+}
+
+impl LogStore {
+    /// Opens (or creates) the log under `dir`, checking that it belongs to `identity`.
+    /// Returns the store and whether the directory was created just now.
+    pub fn open(dir: &Path, identity: &Identity) -> Result<(Self, bool), OpenError> {
+        let sled_err = |source| OpenError::Sled {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(dir)
+            // Flushing is ours to do, on every append, followed by an fdatasync.
+            .flush_every_ms(None)
+            .open()
+            .map_err(sled_err)?;
+        let log = db.open_tree("log").map_err(sled_err)?;
+        let meta = db.open_tree("meta").map_err(sled_err)?;
+        let data_path = dir.join("db");
+        let data_file = File::open(&data_path).map_err(|source| OpenError::Io {
+            path: data_path.clone(),
+            source,
+        })?;
+        let store = LogStore {
+            durability: Durability::Fsync,
+            db,
+            log,
+            meta,
+            dir: Arc::new(dir.to_path_buf()),
+            data_file: Arc::new(data_file),
+            synced_blobs: Arc::default(),
+        };
+        let fresh = match store.meta.get(KEY_IDENTITY).map_err(sled_err)? {
+            Some(bytes) => {
+                let found: Identity =
+                    codec::decode(&bytes).map_err(|source| OpenError::Format {
+                        path: dir.to_path_buf(),
+                        source,
+                    })?;
+                if &found != identity {
+                    return Err(OpenError::WrongIdentity {
+                        path: dir.to_path_buf(),
+                        found_cluster: found.cluster,
+                        found_node: found.node_id,
+                        cluster: identity.cluster.clone(),
+                        node: identity.node_id,
+                    });
+                }
+                false
+            }
+            None => {
+                let bytes = codec::encode(identity).map_err(|source| OpenError::Format {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+                store.meta.insert(KEY_IDENTITY, bytes).map_err(sled_err)?;
+                store.sync_blocking().map_err(|source| OpenError::Io {
+                    path: data_path.clone(),
+                    source,
+                })?;
+                true
+            }
+        };
+        Ok((store, fresh))
+    }
+
+    /// Flushes sled and makes the flushed bytes durable.
+    fn sync_blocking(&self) -> std::io::Result<()> {
+        self.db.flush().map_err(std::io::Error::other)?;
+        self.data_file.sync_data()
+    }
+
+    /// Sets how far appends go before they are acknowledged (benchmarks compare the two).
+    pub fn set_durability(&mut self, durability: Durability) {
+        self.durability = durability;
+    }
+
+    /// Flush + fdatasync, off the async threads, including any blob file sled wrote
+    /// since the last sync (sled writes large values *and* large tree nodes as separate
+    /// blob files, and never syncs them).
+    ///
+    /// One blocking-pool hop does it all: sled's own `flush_async` goes through sled's
+    /// thread pool and its one-shot future, which measured ~45 ms per append here.
+    async fn sync(&self) -> std::io::Result<()> {
+        let db = self.db.clone();
+        let durable = self.durability != Durability::FlushOnly;
+        let file = self.data_file.clone();
+        let blobs = self.dir.join("blobs");
+        let synced = self.synced_blobs.clone();
+        tokio::task::spawn_blocking(move || {
+            db.flush().map_err(std::io::Error::other)?;
+            if !durable {
+                return Ok(());
+            }
+            sync_new_blobs(&blobs, &synced)?;
+            file.sync_data()
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    fn get_meta<T: for<'de> Deserialize<'de>>(
+        &self,
+        key: &[u8],
+        subject: ErrorSubject<NodeId>,
+    ) -> Result<Option<T>, StorageError> {
+        let Some(bytes) = self
+            .meta
+            .get(key)
+            .map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?
+        else {
+            return Ok(None);
+        };
+        codec::decode(&bytes)
+            .map(Some)
+            .map_err(|e| io_err(subject, ErrorVerb::Read, e))
+    }
+
+    fn put_meta<T: Serialize>(
+        &self,
+        key: &[u8],
+        value: &T,
+        subject: ErrorSubject<NodeId>,
+    ) -> Result<(), StorageError> {
+        let bytes =
+            codec::encode(value).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        self.meta
+            .insert(key, bytes)
+            .map_err(|e| io_err(subject, ErrorVerb::Write, e))?;
+        Ok(())
+    }
+
+    fn last_purged(&self) -> Result<Option<LogId>, StorageError> {
+        self.get_meta(KEY_LAST_PURGED, ErrorSubject::Logs)
+    }
+
+    /// Whether nothing was ever written: no vote, no entry, nothing purged.
+    pub async fn is_pristine(&mut self) -> Result<bool, StorageError> {
+        let state = self.get_log_state().await?;
+        Ok(state.last_log_id.is_none() && self.read_vote().await?.is_none())
+    }
+
+    /// The database's size on disk (bytes), for status and benchmarks.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// Fsyncs the blob files not synced yet, then the directory if any was new. Forgets
+/// names sled has since deleted.
+fn sync_new_blobs(
+    dir: &Path,
+    synced: &std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
+) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut synced = synced.lock().unwrap_or_else(|p| p.into_inner());
+    let mut present = std::collections::HashSet::new();
+    let mut new = false;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        if !synced.contains(&name) && entry.path().is_file() {
+            File::open(entry.path())?.sync_data()?;
+            new = true;
+        }
+        present.insert(name);
+    }
+    if new {
+        File::open(dir)?.sync_all()?;
+    }
+    *synced = present;
+    Ok(())
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn decode_entry(bytes: &[u8], index: u64) -> Result<Entry, StorageError> {
+    codec::decode(bytes).map_err(|e| io_err(ErrorSubject::LogIndex(index), ErrorVerb::Read, e))
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&e) => Bound::Included(index_key(e)),
+            Bound::Excluded(&e) => Bound::Excluded(index_key(e)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        // Entries at or below the purge point may linger after a crash mid-purge; they
+        // are gone as far as Raft is concerned.
+        let start = match self.last_purged()? {
+            Some(p) => start.max(p.index + 1),
+            None => start,
+        };
+        let mut out = Vec::new();
+        for item in self.log.range((Bound::Included(index_key(start)), end)) {
+            let (k, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            let index = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| {
+                io_err(
+                    ErrorSubject::Logs,
+                    ErrorVerb::Read,
+                    std::io::Error::other(format!("log key of {} bytes", k.len())),
+                )
+            })?);
+            out.push(decode_entry(&v, index)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged_log_id = self.last_purged()?;
+        let last = self
+            .log
+            .last()
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        let last_entry = match last {
+            Some((k, v)) => {
+                let index = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+                Some(decode_entry(&v, index)?.log_id)
+            }
+            None => None,
+        };
+        // After a purge beyond the last entry (a snapshot install), or a crash between
+        // recording a purge and deleting, the purge point is the last log id.
+        let last_log_id = last_entry.max(last_purged_log_id);
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        self.put_meta(KEY_VOTE, vote, ErrorSubject::Vote)?;
+        // The vote must be on disk before it is used.
+        self.sync()
+            .await
+            .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.get_meta(KEY_VOTE, ErrorSubject::Vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Not synced on its own: it only lets a restart re-apply committed entries sooner,
+        // and it reaches the disk with the next append or vote.
+        self.put_meta(KEY_COMMITTED, &committed, ErrorSubject::Store)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self
+            .get_meta::<Option<LogId>>(KEY_COMMITTED, ErrorSubject::Store)?
+            .flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let bytes = codec::encode(&entry)
+                .map_err(|e| io_err(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, e))?;
+            batch.insert(&index_key(entry.log_id.index), bytes);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        // Entries are readable now; they are durable once the sync returns.
+        let synced = self.sync().await;
+        let failed = synced
+            .as_ref()
+            .err()
+            .map(|e| std::io::Error::new(e.kind(), e.to_string()));
+        callback.log_io_completed(synced);
+        match failed {
+            Some(e) => Err(io_err(ErrorSubject::Logs, ErrorVerb::Write, e)),
+            None => Ok(()),
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Delete [log_id.index, +oo), newest first so that a crash midway leaves no hole.
+        let keys: Vec<sled::IVec> = self
+            .log
+            .range(index_key(log_id.index)..)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        let mut batch = sled::Batch::default();
+        for k in keys.iter().rev() {
+            batch.remove(k.clone());
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        self.sync()
+            .await
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Record the purge point durably first: a crash after it but before the deletes
+        // leaves entries below it, which readers skip; the reverse could leave a hole.
+        self.put_meta(KEY_LAST_PURGED, &log_id, ErrorSubject::Logs)?;
+        self.sync()
+            .await
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        let keys: Vec<sled::IVec> = self
+            .log
+            .range(..=index_key(log_id.index))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        let mut batch = sled::Batch::default();
+        for k in keys {
+            batch.remove(k);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,394 @@
+//! A replica's Raft side: opens its storage, starts openraft, bootstraps a new cluster
+//! exactly once, and proposes commands.
+//!
+//! Storage layout under the data directory:
+//! - `raft/`: the sled database of the log store (entries, vote, committed, identity);
+//! - `snapshot/current.snap`: the current snapshot of the state machine.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::{Config, SnapshotPolicy};
+
+use super::barrier::Barrier;
+use super::batcher::Batcher;
+use super::log_store::{Identity, LogStore, OpenError};
+use super::network::{GrpcNetwork, NetworkConfig};
+use super::sm_store::{SharedState, StateMachineStore};
+use super::{Applied, Node, NodeId, Raft, RaftMetrics, TypeConfig};
+use dispatcher_core::state::{ClusterConfig, Command};
+
+/// Raft timing and snapshot settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaftSettings {
+    /// Leader heartbeat period; also openraft's timeout for one AppendEntries call.
+    pub heartbeat_ms: u64,
+    /// Lower bound of the randomised election timeout.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the randomised election timeout.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_after_logs: u64,
+    /// Log entries kept behind a snapshot, so slightly lagging followers catch up from
+    /// the log rather than a snapshot.
+    pub logs_kept_after_snapshot: u64,
+    /// Largest snapshot chunk sent in one InstallSnapshot call.
+    pub snapshot_chunk_bytes: u64,
+    /// Timeout of one snapshot chunk.
+    pub snapshot_chunk_timeout_ms: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        RaftSettings {
+            // openraft 0.9 lets a follower that had a leader start an election only after
+            // the leader lease (= the max timeout) plus its own timeout drawn once in
+            // [min, max]: 260-320 ms of silence with these. The heartbeat stays at 50 ms
+            // because it is also the timeout of one AppendEntries call, which must fit a
+            // large batch and a follower's fsync on a busy machine. See
+            // docs/architecture.md and docs/benchmarks.md.
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 100,
+            election_timeout_max_ms: 160,
+            snapshot_after_logs: 10_000,
+            logs_kept_after_snapshot: 1_000,
+            snapshot_chunk_bytes: 4 << 20,
+            snapshot_chunk_timeout_ms: 2_000,
+        }
+    }
+}
+
+impl RaftSettings {
+    /// The openraft configuration, validated.
+    pub fn to_openraft(&self, cluster: &str) -> Result<Config, String> {
+        Config {
+            cluster_name: cluster.to_string(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
+            snapshot_max_chunk_size: self.snapshot_chunk_bytes,
+            install_snapshot_timeout: self.snapshot_chunk_timeout_ms,
+            // Purging costs a sync; do it in batches of a tenth of the snapshot interval.
+            purge_batch_size: (self.snapshot_after_logs / 10).max(1),
+            ..Config::default()
+        }
+        .validate()
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// Why a replica could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory cannot be used.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// The data directory could not be created or written.
+    #[error("data directory {path} is not writable: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Storage failed while starting.
+    #[error("storage: {0}")]
+    Storage(#[from] openraft::StorageError<NodeId>),
+    /// Invalid Raft settings.
+    #[error("invalid raft settings: {0}")]
+    Settings(String),
+    /// openraft refused to start.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// Why a write did not commit.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum WriteError {
+    /// This replica is not the leader; `leader` is the leader's id and address if known.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader, when known.
+        leader: Option<(NodeId, String)>,
+    },
+    /// Raft stopped (shutdown or a fatal storage error).
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+    /// A membership change was refused.
+    #[error("membership change refused: {0}")]
+    Membership(String),
+}
+
+/// What a replica needs to start.
+#[derive(Clone, Debug)]
+pub struct ReplicaOptions {
+    /// This replica's id.
+    pub id: NodeId,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Cluster name, recorded in the data directory.
+    pub cluster: String,
+    /// Members of a new cluster; used only if the data directory is new.
+    pub initial_cluster: BTreeMap<NodeId, String>,
+    /// Raft timing.
+    pub raft: RaftSettings,
+    /// State-machine limits for a new cluster.
+    pub state_config: ClusterConfig,
+    /// Addresses to reach given peers at instead of their advertised ones.
+    pub peer_addresses: BTreeMap<NodeId, String>,
+}
+
+/// A running Raft replica.
+#[derive(Clone)]
+pub struct Replica {
+    /// This replica's id.
+    pub id: NodeId,
+    /// The openraft handle.
+    pub raft: Raft,
+    /// The applied state, for reads.
+    pub state: SharedState,
+    log: LogStore,
+    batcher: Batcher,
+    barrier: Barrier,
+}
+
+/// Opens the storage of a data directory (log store and state-machine store), creating
+/// it if needed. Returns the stores and whether the directory was new.
+pub async fn open_storage(
+    data_dir: &Path,
+    identity: &Identity,
+    state_config: ClusterConfig,
+) -> Result<(LogStore, StateMachineStore, bool), StartError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
+    // Probe writability up front for a clear message rather than a storage error later.
+    let probe = data_dir.join(".write-probe");
+    std::fs::write(&probe, b"ok")
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|source| StartError::DataDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+    let (log, fresh) = LogStore::open(&data_dir.join("raft"), identity)?;
+    let sm = StateMachineStore::open(&data_dir.join("snapshot"), state_config).await?;
+    Ok((log, sm, fresh))
+}
+
+/// "Not the leader", with the leader's id and address when openraft knows them.
+/// Maps openraft's write errors to ours.
+pub(super) fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> WriteError {
+    if let Some(f) = e.forward_to_leader() {
+        return not_leader(f);
+    }
+    match e {
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(m)) => {
+            WriteError::Membership(m.to_string())
+        }
+        other => WriteError::Fatal(other.to_string()),
+    }
+}
+
+/// Maps openraft's read-barrier errors to ours.
+pub(super) fn read_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>) -> WriteError {
+    if let Some(f) = e.forward_to_leader() {
+        return not_leader(f);
+    }
+    WriteError::Fatal(e.to_string())
+}
+
+fn not_leader(f: &openraft::error::ForwardToLeader<NodeId, Node>) -> WriteError {
+    WriteError::NotLeader {
+        leader: f.leader_id.map(|id| {
+            let addr = f
+                .leader_node
+                .as_ref()
+                .map(|n| n.addr.clone())
+                .unwrap_or_default();
+            (id, addr)
+        }),
+    }
+}
+
+impl Replica {
+    /// Opens storage and starts Raft with the gRPC network. A new data directory
+    /// bootstraps the cluster if this replica is the lowest id of `initial_cluster`;
+    /// a directory with data never re-initialises.
+    pub async fn start(opts: ReplicaOptions) -> Result<Replica, StartError> {
+        let network = GrpcNetwork::new(NetworkConfig {
+            peer_addresses: opts.peer_addresses.clone(),
+            ..NetworkConfig::default()
+        });
+        Self::start_with_network(opts, network).await
+    }
+
+    /// As [`Replica::start`], with any network (the raft tests use an in-process one).
+    pub async fn start_with_network<N>(
+        opts: ReplicaOptions,
+        network: N,
+    ) -> Result<Replica, StartError>
+    where
+        N: openraft::RaftNetworkFactory<TypeConfig>,
+    {
+        let config = opts
+            .raft
+            .to_openraft(&opts.cluster)
+            .map_err(StartError::Settings)?;
+        let identity = Identity {
+            cluster: opts.cluster.clone(),
+            node_id: opts.id,
+        };
+        let (mut log, sm, _) =
+            open_storage(&opts.data_dir, &identity, opts.state_config.clone()).await?;
+        let pristine = log.is_pristine().await? && sm.shared().read().last_applied.is_none();
+        let state = sm.shared();
+        let raft = Raft::new(opts.id, Arc::new(config), network, log.clone(), sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let batcher = Batcher::spawn(raft.clone());
+        let barrier = Barrier::new(raft.clone());
+        let replica = Replica {
+            id: opts.id,
+            raft,
+            state,
+            log,
+            batcher,
+            barrier,
+        };
+        let bootstrapper = opts.initial_cluster.keys().next() == Some(&opts.id);
+        if pristine && bootstrapper {
+            let members: BTreeMap<NodeId, Node> = opts
+                .initial_cluster
+                .iter()
+                .map(|(id, addr)| (*id, Node { addr: addr.clone() }))
+                .collect();
+            match replica.raft.initialize(members).await {
+                Ok(()) => {
+                    tracing::info!(members = ?opts.initial_cluster, "initialised a new cluster")
+                }
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                    tracing::info!("cluster already initialised")
+                }
+                Err(e) => return Err(StartError::Raft(e.to_string())),
+            }
+        } else if pristine {
+            tracing::info!("new data directory: waiting for the cluster to contact this replica");
+        } else {
+            tracing::info!("restarting from existing data; not initialising");
+        }
+        Ok(replica)
+    }
+
+    /// Proposes a command and waits until it is committed and applied here. Concurrent
+    /// proposals share log entries (see [`super::batcher`]).
+    pub async fn propose(&self, command: Command) -> Result<(Applied, u64), WriteError> {
+        self.batcher.propose(command).await
+    }
+
+    /// Waits until this replica may serve a linearizable read: it is the leader, a
+    /// quorum confirmed it, and it applied everything committed before the call.
+    pub async fn read_barrier(&self) -> Result<(), WriteError> {
+        self.barrier.wait().await
+    }
+
+    /// Adds a replica as a learner and, if `promote`, makes it a voter once it caught up.
+    pub async fn add_node(
+        &self,
+        id: NodeId,
+        addr: String,
+        promote: bool,
+    ) -> Result<(), WriteError> {
+        self.raft
+            .add_learner(id, Node { addr }, true)
+            .await
+            .map_err(write_error)?;
+        if promote {
+            let mut voters: std::collections::BTreeSet<NodeId> = self
+                .metrics()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .collect();
+            voters.insert(id);
+            self.raft
+                .change_membership(voters, false)
+                .await
+                .map_err(write_error)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a replica from the cluster: a voter through joint consensus (removed
+    /// voters are not kept as learners), a learner directly.
+    pub async fn remove_node(&self, id: NodeId) -> Result<(), WriteError> {
+        let membership = self.metrics().membership_config.membership().clone();
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let change = if voters.contains(&id) {
+            let rest: std::collections::BTreeSet<NodeId> =
+                voters.into_iter().filter(|v| *v != id).collect();
+            if rest.is_empty() {
+                return Err(WriteError::Membership(
+                    "cannot remove the last voter".into(),
+                ));
+            }
+            openraft::ChangeMembers::ReplaceAllVoters(rest)
+        } else if membership.get_node(&id).is_some() {
+            openraft::ChangeMembers::RemoveNodes(std::collections::BTreeSet::from([id]))
+        } else {
+            return Err(WriteError::Membership(format!(
+                "replica {id} is not a member"
+            )));
+        };
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(write_error)?;
+        Ok(())
+    }
+
+    /// Current Raft metrics.
+    pub fn metrics(&self) -> RaftMetrics {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// The leader's id and address, if known.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.metrics();
+        let id = m.current_leader?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+            .unwrap_or_default();
+        Some((id, addr))
+    }
+
+    /// Size of the Raft log database on disk.
+    pub fn log_size_on_disk(&self) -> u64 {
+        self.log.size_on_disk()
+    }
+
+    /// Stops Raft. Pending writes fail; storage is flushed by sled on drop.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+    }
+
+    /// Waits up to `timeout` for some leader to be known.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Option<NodeId> {
+        self.raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .await
+            .ok()
+            .and_then(|m| m.current_leader)
+    }
+}

@@ -1,0 +1,317 @@
+//! The state-machine store: applies committed entries to the dispatcher state, builds and
+//! installs snapshots, and keeps the current snapshot durably on disk.
+//!
+//! The state itself lives in memory (`SharedState`, which the server layer reads). On
+//! start-up the replica loads its snapshot file, and openraft replays the log entries
+//! after it. Membership is kept next to the state and travels in every snapshot.
+//!
+//! Snapshot file: `<data-dir>/snapshot/current.snap`, the codec encoding of
+//! `StoredSnapshot { meta, data }` where `data` is the state's canonical encoding. It is
+//! written to `current.snap.tmp`, fsynced, renamed over the old one, and the directory
+//! fsynced. Only a snapshot newer than the current one ever replaces it, so a slow build
+//! that finishes after a newer snapshot was installed is dropped.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    AnyError, EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, Snapshot, StorageIOError,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Mutex};
+
+use super::{Applied, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use dispatcher_core::codec;
+use dispatcher_core::state::{ClusterConfig, DispatcherState};
+
+type Entry = openraft::Entry<TypeConfig>;
+
+/// The applied state: the dispatcher state, the last applied log id and membership.
+#[derive(Debug)]
+pub struct AppliedState {
+    /// The dispatcher state.
+    pub state: DispatcherState,
+    /// Last applied log id.
+    pub last_applied: Option<LogId>,
+    /// Last applied membership.
+    pub membership: StoredMembership,
+}
+
+/// The applied state, shared between the Raft state machine and the servers that read
+/// it. Never held across an `.await`.
+#[derive(Clone, Debug)]
+pub struct SharedState {
+    inner: Arc<RwLock<AppliedState>>,
+    applied_tx: Arc<watch::Sender<u64>>,
+}
+
+impl SharedState {
+    fn new(state: DispatcherState) -> Self {
+        let (applied_tx, _) = watch::channel(0);
+        SharedState {
+            inner: Arc::new(RwLock::new(AppliedState {
+                state,
+                last_applied: None,
+                membership: StoredMembership::default(),
+            })),
+            applied_tx: Arc::new(applied_tx),
+        }
+    }
+
+    /// Reads the applied state. A poisoned lock means a panic inside `apply`, which is a
+    /// bug; the data is still the last consistent state, so readers go on.
+    pub fn read(&self) -> RwLockReadGuard<'_, AppliedState> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, AppliedState> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Watches the last applied index (for streaming reads such as WatchJob).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.applied_tx.subscribe()
+    }
+
+    fn publish(&self, index: u64) {
+        self.applied_tx.send_replace(index);
+    }
+
+    /// Digest of the state and the last applied index, read atomically.
+    pub fn digest(&self) -> (Option<u64>, String) {
+        let g = self.read();
+        let digest = g
+            .state
+            .digest()
+            .unwrap_or_else(|e| format!("unencodable: {e}"));
+        (g.last_applied.map(|l| l.index), digest)
+    }
+}
+
+/// A snapshot as stored on disk.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+/// The openraft state machine over `DispatcherState`.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    shared: SharedState,
+    dir: Arc<PathBuf>,
+    /// The current snapshot. The mutex also serialises builders against installs.
+    current: Arc<Mutex<Option<StoredSnapshot>>>,
+    /// Snapshots built by this replica, for unique ids.
+    built: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::new(ErrorSubject::StateMachine, verb, AnyError::new(&e)).into()
+}
+
+fn snap_err(
+    meta: Option<&SnapshotMeta>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError {
+    StorageIOError::new(
+        ErrorSubject::Snapshot(meta.map(|m| m.signature())),
+        verb,
+        AnyError::new(&e),
+    )
+    .into()
+}
+
+impl StateMachineStore {
+    /// Opens the store under `dir`, loading the current snapshot if there is one.
+    pub async fn open(dir: &Path, config: ClusterConfig) -> Result<Self, StorageError> {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
+        let path = dir.join("current.snap");
+        let current: Option<StoredSnapshot> = match tokio::fs::read(&path).await {
+            Ok(bytes) => {
+                Some(codec::decode(&bytes).map_err(|e| snap_err(None, ErrorVerb::Read, e))?)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(snap_err(None, ErrorVerb::Read, e)),
+        };
+        let shared = SharedState::new(DispatcherState::new(config));
+        if let Some(snap) = &current {
+            let state = DispatcherState::restore(&snap.data)
+                .map_err(|e| snap_err(Some(&snap.meta), ErrorVerb::Read, e))?;
+            let mut g = shared.write();
+            g.state = state;
+            g.last_applied = snap.meta.last_log_id;
+            g.membership = snap.meta.last_membership.clone();
+        }
+        if let Some(l) = current.as_ref().and_then(|s| s.meta.last_log_id) {
+            shared.publish(l.index);
+        }
+        Ok(StateMachineStore {
+            shared,
+            dir: Arc::new(dir.to_path_buf()),
+            current: Arc::new(Mutex::new(current)),
+            built: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        })
+    }
+
+    /// The applied state, for readers.
+    pub fn shared(&self) -> SharedState {
+        self.shared.clone()
+    }
+
+    /// Replaces the current snapshot with `snap` unless the current one is newer; persists
+    /// it durably.
+    /// Returns whether it was stored.
+    async fn store_if_newer(&self, snap: StoredSnapshot) -> Result<bool, StorageError> {
+        let mut current = self.current.lock().await;
+        if let Some(cur) = current.as_ref() {
+            if cur.meta.last_log_id > snap.meta.last_log_id {
+                return Ok(false);
+            }
+        }
+        let bytes =
+            codec::encode(&snap).map_err(|e| snap_err(Some(&snap.meta), ErrorVerb::Write, e))?;
+        let dir = self.dir.as_ref().clone();
+        let meta = snap.meta.clone();
+        tokio::task::spawn_blocking(move || write_durably(&dir, "current.snap", &bytes))
+            .await
+            .map_err(|e| snap_err(Some(&meta), ErrorVerb::Write, e))?
+            .map_err(|e| snap_err(Some(&meta), ErrorVerb::Write, e))?;
+        *current = Some(snap);
+        Ok(true)
+    }
+}
+
+/// Writes `name` in `dir` atomically and durably: temporary file, fsync, rename, fsync
+/// of the directory.
+fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        // Encode under the read lock (a consistent view), write after releasing it.
+        let (data, last_applied, membership) = {
+            let g = self.shared.read();
+            let data = g.state.encode().map_err(|e| sm_err(ErrorVerb::Read, e))?;
+            (data, g.last_applied, g.membership.clone())
+        };
+        let n = self
+            .built
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{n}", l.leader_id, l.index),
+            None => format!("--{n}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let snap = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        self.store_if_newer(snap).await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let g = self.shared.read();
+        Ok((g.last_applied, g.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut out = Vec::new();
+        let last = {
+            let mut g = self.shared.write();
+            for entry in entries {
+                g.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => out.push(Applied::Internal),
+                    EntryPayload::Normal(cmd) => out.push(Applied::Command(g.state.apply(cmd))),
+                    EntryPayload::Membership(m) => {
+                        g.membership = StoredMembership::new(Some(entry.log_id), m);
+                        out.push(Applied::Internal);
+                    }
+                }
+            }
+            g.last_applied
+        };
+        if let Some(l) = last {
+            self.shared.publish(l.index);
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let state = DispatcherState::restore(&data)
+            .map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+        let stored = self
+            .store_if_newer(StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            })
+            .await?;
+        if !stored {
+            // An equal or newer snapshot is already current; openraft only installs
+            // snapshots newer than what was applied, so this is a benign race.
+            tracing::debug!(snapshot = %meta.snapshot_id, "older snapshot not stored");
+        }
+        {
+            let mut g = self.shared.write();
+            g.state = state;
+            g.last_applied = meta.last_log_id;
+            g.membership = meta.last_membership.clone();
+        }
+        if let Some(l) = meta.last_log_id {
+            self.shared.publish(l.index);
+        }
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let current = self.current.lock().await;
+        Ok(current.as_ref().map(|s| Snapshot {
+            meta: s.meta.clone(),
+            snapshot: Box::new(Cursor::new(s.data.clone())),
+        }))
+    }
+}

@@ -1,0 +1,262 @@
+//! `ClusterService`: every replica's view of the cluster (Status), membership changes
+//! (AddNode, RemoveNode; forwarded to the leader) and a consistent snapshot of the
+//! replicated state (Snapshot, for backups).
+
+use std::time::Duration;
+
+use openraft::ServerState;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::forward::Forwarder;
+use super::route::Edge;
+use super::status;
+use crate::raft::replica::Replica;
+use crate::raft::NodeId;
+use dispatcher_proto::v1::cluster_service_client::ClusterServiceClient;
+use dispatcher_proto::v1::cluster_service_server::ClusterService;
+use dispatcher_proto::v1::{
+    AddNodeRequest, AddNodeResponse, Member, RemoveNodeRequest, RemoveNodeResponse, ReplicaRole,
+    ReplicaStatus, SnapshotChunk, SnapshotRequest, StatusRequest, StatusResponse,
+};
+
+/// How long Status waits for each peer's own view.
+const PEER_STATUS_TIMEOUT: Duration = Duration::from_millis(500);
+/// Size of one Snapshot stream message.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+/// Serves `ClusterService` for one replica.
+pub struct ClusterServer {
+    replica: Replica,
+    forwarder: Forwarder,
+    edge: Edge,
+}
+
+impl ClusterServer {
+    /// A server for `replica`.
+    pub fn new(edge: Edge) -> Self {
+        ClusterServer {
+            replica: edge.replica.clone(),
+            forwarder: edge.forwarder.clone(),
+            edge,
+        }
+    }
+
+    fn members(&self) -> Vec<Member> {
+        let m = self.replica.metrics();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, node)| Member {
+                id: *id,
+                address: node.addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect()
+    }
+
+    fn local_status(&self) -> ReplicaStatus {
+        let m = self.replica.metrics();
+        let (applied, digest) = self.replica.state.digest();
+        let role = match m.state {
+            ServerState::Leader => ReplicaRole::Leader,
+            ServerState::Follower => ReplicaRole::Follower,
+            ServerState::Candidate => ReplicaRole::Candidate,
+            ServerState::Learner => ReplicaRole::Learner,
+            ServerState::Shutdown => ReplicaRole::Shutdown,
+        };
+        ReplicaStatus {
+            id: self.replica.id,
+            address: m
+                .membership_config
+                .membership()
+                .get_node(&self.replica.id)
+                .map(|n| n.addr.clone())
+                .unwrap_or_default(),
+            role: role as i32,
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: applied.unwrap_or(0),
+            leader_id: m.current_leader.unwrap_or(0),
+            state_digest: digest,
+            reachable: true,
+        }
+    }
+
+    async fn peer_status(&self, member: &Member) -> ReplicaStatus {
+        let unreachable = ReplicaStatus {
+            id: member.id,
+            address: member.address.clone(),
+            role: ReplicaRole::Unreachable as i32,
+            reachable: false,
+            ..ReplicaStatus::default()
+        };
+        let Ok(channel) = self.forwarder.channel(&member.address) else {
+            return unreachable;
+        };
+        let mut req = Request::new(StatusRequest { local_only: true });
+        req.set_timeout(PEER_STATUS_TIMEOUT);
+        let mut client = ClusterServiceClient::new(channel);
+        let call = client.status(req);
+        match tokio::time::timeout(PEER_STATUS_TIMEOUT, call).await {
+            Ok(Ok(resp)) => resp
+                .into_inner()
+                .replicas
+                .into_iter()
+                .find(|r| r.id == member.id)
+                .unwrap_or(unreachable),
+            _ => unreachable,
+        }
+    }
+}
+
+fn check_address(field: &str, addr: &str) -> Result<(), Status> {
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(Status::invalid_argument(format!(
+            "{field}: {addr:?} is not HOST:PORT"
+        ))),
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for ClusterServer {
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let local = self.local_status();
+        let leader = self.replica.leader();
+        let mut replicas = vec![];
+        let members = self.members();
+        if request.into_inner().local_only {
+            replicas.push(local);
+        } else {
+            let others = members.iter().filter(|m| m.id != self.replica.id);
+            let mut fetched = futures::future::join_all(others.map(|m| self.peer_status(m))).await;
+            replicas.push(local);
+            replicas.append(&mut fetched);
+            replicas.sort_by_key(|r| r.id);
+        }
+        Ok(Response::new(StatusResponse {
+            replicas,
+            leader_id: leader.as_ref().map_or(0, |(id, _)| *id),
+            leader_address: leader.map(|(_, a)| a).unwrap_or_default(),
+            responder_id: self.replica.id,
+            membership: members,
+        }))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<AddNodeRequest>,
+    ) -> Result<Response<AddNodeResponse>, Status> {
+        let forwarded = self
+            .edge
+            .forward_or_local(&request, |ch, req| async move {
+                ClusterServiceClient::new(ch).add_node(req).await
+            })
+            .await?;
+        if let Some(resp) = forwarded {
+            return Ok(resp);
+        }
+        let req = request.into_inner();
+        if req.node_id == 0 {
+            return Err(Status::invalid_argument("node_id: replica ids start at 1"));
+        }
+        check_address("address", &req.address)?;
+        self.replica
+            .add_node(req.node_id, req.address, req.promote)
+            .await
+            .map_err(status::write_error)?;
+        Ok(Response::new(AddNodeResponse {
+            membership: self.members(),
+        }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<Response<RemoveNodeResponse>, Status> {
+        let forwarded = self
+            .edge
+            .forward_or_local(&request, |ch, req| async move {
+                ClusterServiceClient::new(ch).remove_node(req).await
+            })
+            .await?;
+        if let Some(resp) = forwarded {
+            return Ok(resp);
+        }
+        let req = request.into_inner();
+        if !self.members().iter().any(|m| m.id == req.node_id) {
+            return Err(Status::not_found(format!(
+                "replica {} is not a member",
+                req.node_id
+            )));
+        }
+        self.replica
+            .remove_node(req.node_id)
+            .await
+            .map_err(status::write_error)?;
+        Ok(Response::new(RemoveNodeResponse {
+            membership: self.members(),
+        }))
+    }
+
+    type SnapshotStream = ReceiverStream<Result<SnapshotChunk, Status>>;
+
+    async fn snapshot(
+        &self,
+        _request: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        // Linearizable: only the leader, after confirming it still leads, serves it; a
+        // follower relays the leader's stream.
+        let forwarded = self
+            .edge
+            .forward_or_local(&_request, |ch, req| async move {
+                ClusterServiceClient::new(ch).snapshot(req).await
+            })
+            .await?;
+        if let Some(remote) = forwarded {
+            let mut remote = remote.into_inner();
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(async move {
+                use tokio_stream::StreamExt;
+                while let Some(item) = remote.next().await {
+                    if tx.send(item).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            return Ok(Response::new(ReceiverStream::new(rx)));
+        }
+        self.replica
+            .read_barrier()
+            .await
+            .map_err(status::write_error)?;
+        let (bytes, last) = {
+            let g = self.replica.state.read();
+            let bytes = g
+                .state
+                .encode()
+                .map_err(|e| Status::internal(format!("cannot encode the state: {e}")))?;
+            (bytes, g.last_applied)
+        };
+        let (index, term) = last.map_or((0, 0), |l| (l.index, l.leader_id.term));
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            for chunk in bytes.chunks(SNAPSHOT_CHUNK) {
+                let msg = SnapshotChunk {
+                    data: chunk.to_vec(),
+                    last_log_index: index,
+                    last_log_term: term,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

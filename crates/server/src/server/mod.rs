@@ -1,0 +1,262 @@
+//! The gRPC edge of a replica: the services it serves, error mapping, forwarding to the
+//! leader, configuration, and `run`, which the `dispatcher` binary calls.
+//!
+//! Architecture invariant: handlers translate between protobuf and domain types and
+//! delegate; they hold no dispatcher logic. Errors become `Status` in `status` only.
+
+pub mod cluster_service;
+pub mod config;
+pub mod forward;
+pub mod job_service;
+pub mod raft_service;
+pub mod route;
+pub mod status;
+pub mod taskmanager_service;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt as _;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::raft::network::MAX_RAFT_MESSAGE;
+use crate::raft::replica::{Replica, ReplicaOptions, StartError};
+use config::ServerConfig;
+use dispatcher_core::state::ClusterConfig;
+use dispatcher_proto::v1::cluster_service_server::ClusterServiceServer;
+use dispatcher_proto::v1::job_service_server::JobServiceServer;
+use dispatcher_proto::v1::raft_service_server::RaftServiceServer;
+use dispatcher_proto::v1::task_manager_service_server::TaskManagerServiceServer;
+use dispatcher_proto::FILE_DESCRIPTOR_SET;
+
+/// How long a shutting-down replica waits for open connections to close.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
+
+/// Why a replica stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// It could not listen.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Raft or storage could not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// The backup to restore is unusable.
+    #[error(transparent)]
+    Restore(#[from] dispatcher_core::backup::BackupError),
+    /// Reflection could not be set up (a build problem).
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+/// Binds the listen address, then runs the replica until `shutdown` completes.
+pub async fn run(
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+    serve(config, listener, shutdown).await
+}
+
+/// Runs a replica on an already bound listener until `shutdown` completes, then stops
+/// Raft. Tests bind port 0 and pass the listener in.
+pub async fn serve(
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let backup = match &config.restore {
+        Some(path) => Some(dispatcher_core::backup::Backup::read(path)?),
+        None => None,
+    };
+    let replica = Replica::start(ReplicaOptions {
+        id: config.id,
+        data_dir: config.data_dir.clone(),
+        cluster: config.cluster_name.clone(),
+        initial_cluster: config.initial_cluster.clone(),
+        raft: config.raft.clone(),
+        state_config: ClusterConfig::default(),
+        peer_addresses: config.peer_addresses.clone(),
+    })
+    .await?;
+    tracing::info!(
+        id = config.id,
+        listen = %config.listen,
+        advertise = %config.advertise,
+        heartbeat_ms = config.raft.heartbeat_ms,
+        election_timeout_ms = %format!("{}-{}", config.raft.election_timeout_min_ms, config.raft.election_timeout_max_ms),
+        "replica started"
+    );
+
+    if let Some(backup) = backup {
+        tokio::spawn(restore(replica.clone(), backup));
+    }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // tonic-health starts the server as SERVING; nothing is served before a leader is known.
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let health_task = tokio::spawn(report_health(replica.clone(), health));
+    // Both reflection versions: grpcurl asks v1 first, many clients still speak v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let reflection_alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+
+    let forwarder = forward::Forwarder::default();
+    let raft_service = RaftServiceServer::new(raft_service::RaftServer::new(replica.raft.clone()))
+        .max_decoding_message_size(MAX_RAFT_MESSAGE)
+        .max_encoding_message_size(MAX_RAFT_MESSAGE);
+    let edge = route::Edge {
+        replica: replica.clone(),
+        forwarder,
+    };
+    let cluster_service =
+        ClusterServiceServer::new(cluster_service::ClusterServer::new(edge.clone()));
+    let liveness = crate::leader::Liveness::new(config.liveness.clone());
+    let duties = tokio::spawn(crate::leader::run(replica.clone(), liveness.clone()));
+    let task_managers = TaskManagerServiceServer::new(taskmanager_service::TaskManagerServer::new(
+        edge.clone(),
+        liveness,
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let jobs = JobServiceServer::new(job_service::JobServer::new(edge, stop_rx.clone()));
+
+    // The builder's tcp_nodelay only reaches sockets tonic accepts itself, not ours: set
+    // it on every accepted connection, or Nagle's algorithm holds a response's last
+    // frame until the peer's delayed ACK (~40 ms per Raft round and per client call).
+    let incoming = TcpListenerStream::new(listener).map(|accepted| {
+        accepted.and_then(|stream| {
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        })
+    });
+    let result = Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(raft_service)
+        .add_service(cluster_service)
+        .add_service(jobs)
+        .add_service(task_managers)
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+    tokio::pin!(result);
+    // Graceful shutdown waits for open connections; do not let a client that keeps one
+    // open (a health Watch, say) keep this replica's Raft running behind a closed port.
+    let mut stopping = stop_rx;
+    let result = tokio::select! {
+        r = &mut result => r,
+        _ = async {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_DRAIN).await;
+        } => {
+            tracing::warn!("connections still open after {SHUTDOWN_DRAIN:?}; stopping anyway");
+            Ok(())
+        }
+    };
+    tracing::info!(id = config.id, "shutting down");
+    health_task.abort();
+    duties.abort();
+    replica.shutdown().await;
+    result.map_err(ServerError::from)
+}
+
+/// Seeds a new cluster with a backup: once this replica leads, it proposes RestoreState,
+/// so the restored state reaches every replica through the log.
+async fn restore(replica: Replica, backup: dispatcher_core::backup::Backup) {
+    use crate::raft::Applied;
+    use dispatcher_core::state::{Command, Response};
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        match replica.leader() {
+            Some((id, _)) if id == replica.id => {
+                let cmd = Command::RestoreState {
+                    state: backup.state.clone(),
+                };
+                match replica.propose(cmd).await {
+                    Ok((
+                        Applied::Command(Ok(Response::Restored {
+                            jobs,
+                            task_managers,
+                        })),
+                        index,
+                    )) => {
+                        tracing::info!(jobs, task_managers, index, digest = %backup.digest, "restored the backup");
+                        return;
+                    }
+                    Ok((other, _)) => {
+                        tracing::error!(outcome = ?other, "the backup was not restored");
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "restore not committed yet; retrying"),
+                }
+            }
+            // A new cluster: make this replica the leader so that it can propose.
+            Some(_) => {
+                let _ = replica.raft.trigger().elect().await;
+            }
+            None => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::error!("gave up restoring the backup: this replica never led");
+}
+
+/// Reports SERVING (overall and per service) only while a leader is known.
+async fn report_health(replica: Replica, health: tonic_health::server::HealthReporter) {
+    let mut metrics = replica.raft.metrics();
+    let mut last: Option<bool> = None;
+    loop {
+        let has_leader = metrics.borrow().current_leader.is_some();
+        if last != Some(has_leader) {
+            let status = if has_leader {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+            for name in [
+                <JobServiceServer<job_service::JobServer> as tonic::server::NamedService>::NAME,
+                <TaskManagerServiceServer<taskmanager_service::TaskManagerServer> as tonic::server::NamedService>::NAME,
+                <ClusterServiceServer<cluster_service::ClusterServer> as tonic::server::NamedService>::NAME,
+                <RaftServiceServer<raft_service::RaftServer> as tonic::server::NamedService>::NAME,
+            ] {
+                health.set_service_status(name, status).await;
+            }
+            last = Some(has_leader);
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+        // Metrics change on every commit; health needs no finer grain than this.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

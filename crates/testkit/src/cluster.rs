@@ -1,0 +1,351 @@
+//! A real cluster of `dispatcher` replicas and `taskmanager` agents as processes on
+//! loopback, for the end-to-end tests.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use dispatcher_client::{Client, ClientConfig};
+use dispatcher_proto::v1 as pb;
+
+use crate::signal::{self, Signal};
+use crate::{bin, free_ports, wait_for};
+
+/// One replica process.
+pub struct Proc {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// One TaskManager process.
+pub struct Tm {
+    pub work_dir: PathBuf,
+    pub log: PathBuf,
+    pub args: Vec<String>,
+    child: Option<Child>,
+}
+
+/// A cluster of replica processes.
+pub struct ProcCluster {
+    pub first_only: Vec<String>,
+    pub dir: tempfile::TempDir,
+    pub procs: BTreeMap<u64, Proc>,
+    pub tms: BTreeMap<String, Tm>,
+    pub initial: String,
+    pub extra_args: Vec<String>,
+}
+
+/// The `dispatcher` binary.
+pub fn dispatcher_bin() -> PathBuf {
+    bin("dispatcher")
+}
+
+impl ProcCluster {
+    /// Starts `n` replicas with the binary's default settings.
+    pub fn start(n: u64) -> ProcCluster {
+        Self::start_with(n, &[])
+    }
+
+    /// Starts `n` replicas with these extra flags (none: the binary's defaults).
+    pub fn start_with(n: u64, flags: &[&str]) -> ProcCluster {
+        Self::start_custom(n, flags, &[])
+    }
+
+    /// Starts `n` replicas with common flags and flags for replica 1 only.
+    pub fn start_custom(n: u64, flags: &[&str], first_only: &[&str]) -> ProcCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports = free_ports(n as usize).expect("free loopback ports");
+        let initial = (1..=n)
+            .map(|id| format!("{id}=127.0.0.1:{}", ports[(id - 1) as usize]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = ProcCluster {
+            first_only: first_only.iter().map(|s| s.to_string()).collect(),
+            procs: BTreeMap::new(),
+            tms: BTreeMap::new(),
+            initial,
+            extra_args: flags.iter().map(|s| s.to_string()).collect(),
+            dir,
+        };
+        for id in 1..=n {
+            let addr = format!("127.0.0.1:{}", ports[(id - 1) as usize]);
+            let data_dir = c.dir.path().join(format!("data/{id}"));
+            let log = c.dir.path().join(format!("replica-{id}.log"));
+            c.procs.insert(
+                id,
+                Proc {
+                    id,
+                    addr,
+                    data_dir,
+                    log,
+                    child: None,
+                },
+            );
+            c.spawn(id);
+        }
+        c
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.procs.values().map(|p| p.addr.clone()).collect()
+    }
+
+    pub fn client(&self) -> Client {
+        let mut cfg = ClientConfig::new(self.endpoints());
+        cfg.timeout = Duration::from_secs(20);
+        cfg.per_try_timeout = Duration::from_secs(2);
+        Client::new(cfg).expect("client")
+    }
+
+    /// Starts (or restarts) replica `id`.
+    pub fn spawn(&mut self, id: u64) {
+        let initial = self.initial.clone();
+        let mut extra = self.extra_args.clone();
+        if id == 1 {
+            extra.extend(self.first_only.iter().cloned());
+        }
+        let p = self.procs.get_mut(&id).expect("known replica");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p.log)
+            .expect("log file");
+        let child = Command::new(dispatcher_bin())
+            .args([
+                "--id",
+                &id.to_string(),
+                "--listen",
+                &p.addr,
+                "--initial-cluster",
+                &initial,
+            ])
+            .arg("--data-dir")
+            .arg(&p.data_dir)
+            .args(&extra)
+            .env(
+                "DISPATCHER_LOG",
+                std::env::var("TEST_DISPATCHER_LOG")
+                    .unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn dispatcher");
+        p.child = Some(child);
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.procs.get_mut(&id).and_then(|p| p.child.take()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends a signal by name (`STOP`, `CONT`, `TERM`).
+    pub fn signal(&self, id: u64, sig: &str) {
+        if let Some(child) = self.procs.get(&id).and_then(|p| p.child.as_ref()) {
+            signal::send_named(child.id(), sig);
+        }
+    }
+
+    /// Waits for a replica's exit and returns its status.
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.procs.get_mut(&id)?.child.as_mut()?;
+        let mut status = None;
+        crate::wait_blocking(timeout, || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status
+    }
+
+    /// The local status of each running replica that answers.
+    pub async fn statuses(&self, client: &Client) -> BTreeMap<u64, pb::ReplicaStatus> {
+        let mut out = BTreeMap::new();
+        for p in self.procs.values().filter(|p| p.child.is_some()) {
+            if let Ok(resp) = client.replica_status(&p.addr).await {
+                if let Some(r) = resp.replicas.into_iter().find(|r| r.id == p.id) {
+                    out.insert(p.id, r);
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits until the running replicas agree on one leader, and returns it.
+    pub async fn leader(&self, client: &Client, timeout: Duration, why: &str) -> u64 {
+        wait_for(timeout, &format!("an agreed leader ({why})"), || async {
+            let s = self.statuses(client).await;
+            let running = self.procs.values().filter(|p| p.child.is_some()).count();
+            if s.len() < running {
+                return None;
+            }
+            let leader = s
+                .values()
+                .find(|r| r.role == pb::ReplicaRole::Leader as i32)?
+                .id;
+            s.values().all(|r| r.leader_id == leader).then_some(leader)
+        })
+        .await
+    }
+
+    /// Waits until every running replica reports the same applied index and digest.
+    pub async fn converged(&self, client: &Client, timeout: Duration, why: &str) -> (u64, String) {
+        wait_for(
+            timeout,
+            &format!("replicas to converge ({why})"),
+            || async {
+                let s = self.statuses(client).await;
+                let running = self.procs.values().filter(|p| p.child.is_some()).count();
+                if s.len() < running {
+                    return None;
+                }
+                let first = s.values().next()?;
+                s.values()
+                    .all(|r| {
+                        r.applied_index == first.applied_index
+                            && r.state_digest == first.state_digest
+                    })
+                    .then(|| (first.applied_index, first.state_digest.clone()))
+            },
+        )
+        .await
+    }
+
+    pub fn log_of(&self, id: u64) -> String {
+        self.procs
+            .get(&id)
+            .map(|p| std::fs::read_to_string(&p.log).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    pub fn data_dir(&self, id: u64) -> &Path {
+        &self.procs[&id].data_dir
+    }
+}
+
+impl ProcCluster {
+    /// Starts a TaskManager `id` with `slots` slots (and extra flags).
+    pub fn start_tm(&mut self, id: &str, slots: u32, extra: &[&str]) {
+        let work_dir = self.dir.path().join(format!("tm/{id}"));
+        let log = self.dir.path().join(format!("{id}.log"));
+        let mut args: Vec<String> = vec![
+            "--id".into(),
+            id.into(),
+            "--slots".into(),
+            slots.to_string(),
+            "--dispatchers".into(),
+            self.endpoints().join(","),
+            "--kill-grace-ms".into(),
+            "1000".into(),
+        ];
+        args.push("--work-dir".into());
+        args.push(work_dir.to_str().expect("utf-8").into());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.tms.insert(
+            id.to_string(),
+            Tm {
+                work_dir,
+                log,
+                args,
+                child: None,
+            },
+        );
+        self.respawn_tm(id);
+    }
+
+    /// Starts a TaskManager again with the same flags and work directory.
+    pub fn respawn_tm(&mut self, id: &str) {
+        let tm = self.tms.get_mut(id).expect("known TaskManager");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&tm.log)
+            .expect("log");
+        let child = Command::new(bin("taskmanager"))
+            .args(&tm.args)
+            .env("TASKMANAGER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn taskmanager");
+        tm.child = Some(child);
+    }
+
+    /// `kill -9` of a TaskManager (its task processes are orphaned, as in real life).
+    pub fn kill_tm(&mut self, id: &str) {
+        if let Some(mut child) = self.tms.get_mut(id).and_then(|t| t.child.take()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends a signal to a TaskManager.
+    pub fn signal_tm(&self, id: &str, sig: &str) {
+        if let Some(child) = self.tms.get(id).and_then(|t| t.child.as_ref()) {
+            signal::send_named(child.id(), sig);
+        }
+    }
+
+    /// The TaskManager's attempt history (`attempts.jsonl`).
+    pub fn tm_history(&self, id: &str) -> Vec<serde_json::Value> {
+        let path = self.tms[id].work_dir.join("attempts.jsonl");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Pids of command tasks started on a TaskManager, by (job, vertex, subtask, attempt).
+    pub fn tm_pids(&self, id: &str) -> Vec<(String, String, u64, u64, u32)> {
+        self.tm_history(id)
+            .iter()
+            .filter(|e| e["event"] == "start")
+            .filter_map(|e| {
+                let pid = e["detail"].as_str()?.strip_prefix("pid ")?.parse().ok()?;
+                Some((
+                    e["job_id"].as_str()?.to_string(),
+                    e["vertex"].as_str()?.to_string(),
+                    e["subtask"].as_u64()?,
+                    e["attempt"].as_u64()?,
+                    pid,
+                ))
+            })
+            .collect()
+    }
+}
+
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        let tms: Vec<String> = self.tms.keys().cloned().collect();
+        for id in tms {
+            self.signal_tm(&id, "CONT");
+            self.kill_tm(&id);
+            // Leave no task process behind, but only kill a group whose leader still
+            // works in this TaskManager's directory: a pid that exited long ago may now
+            // lead an unrelated process group (this test's own runner, say).
+            let work_dir = self.tms[&id].work_dir.clone();
+            for (.., pid) in self.tm_pids(&id) {
+                if signal::is_task_group_under(pid, &work_dir) {
+                    signal::send_group(pid, Signal::SIGKILL);
+                }
+            }
+        }
+        if let Ok(keep) = std::env::var("TEST_KEEP_LOGS") {
+            for p in self.procs.values() {
+                let _ = std::fs::copy(&p.log, format!("{keep}/replica-{}.log", p.id));
+            }
+        }
+        let ids: Vec<u64> = self.procs.keys().copied().collect();
+        for id in ids {
+            self.signal(id, "CONT");
+            self.kill(id);
+        }
+    }
+}
