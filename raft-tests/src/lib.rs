@@ -19,7 +19,7 @@ use dispatcher_core::state::{
     ClusterConfig, Command, JobId, JobSpec, RestartStrategy, TaskSpec, VertexSpec,
 };
 use dispatcher_server::raft::replica::{RaftSettings, Replica, ReplicaOptions, WriteError};
-use dispatcher_server::raft::{Applied, Node, NodeId, TypeConfig};
+use dispatcher_server::raft::{Node, NodeId, TypeConfig};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -440,13 +440,15 @@ impl Cluster {
                     .max_by_key(|id| self.replica(*id).metrics().current_term)?;
                 // A leader cut off from its quorum never answers: give up on it after a
                 // while and look for the leader again.
-                let attempt =
-                    tokio::time::timeout(Duration::from_secs(2), self.replica(leader).propose(cmd))
-                        .await;
+                let attempt = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    self.replica(leader).propose_indexed(cmd),
+                )
+                .await;
                 match attempt {
                     Err(_) => None,
-                    Ok(Ok((Applied::Command(Ok(_)), index))) => Some(index),
-                    Ok(Ok((other, _))) => panic!("command rejected: {other:?}"),
+                    Ok(Ok((Ok(_), index))) => Some(index),
+                    Ok(Ok((Err(rejection), _))) => panic!("command rejected: {rejection:?}"),
                     Ok(Err(WriteError::NotLeader { .. })) | Ok(Err(WriteError::Fatal(_))) => None,
                     Ok(Err(e)) => panic!("write failed: {e}"),
                 }

@@ -8,13 +8,20 @@
 //!   retention purge), turned into commands.
 //! - [`raft`]: replication: openraft types, the sled log store, the state-machine store,
 //!   the peer transport and the replica.
-//! - [`server`]: the gRPC edge: services, error mapping, forwarding, configuration, `run`.
+//! - [`server`]: the gRPC edge (every RPC passes through `server::edge`), services,
+//!   error mapping, forwarding, configuration, `run`.
+//! - [`taskmanagers`]: the leader's side of the TaskManager protocol, in domain terms.
+//! - [`watch`]: job watches, from the applied state.
+//! - [`error`]: what can go wrong serving a request.
 //!
 //! The state machine, codec and backups are `dispatcher-core`; the contract is
 //! `dispatcher-proto`. Architecture invariant: `raft` knows nothing of gRPC services,
 //! and nothing here is used by the client crate.
 #![deny(missing_docs)]
 
+pub mod error;
 pub mod leader;
 pub mod raft;
 pub mod server;
+pub mod taskmanagers;
+pub mod watch;

@@ -194,6 +194,30 @@ impl Command {
             Command::Batch(_) => "Batch",
         }
     }
+
+    /// The job the command is about, for traces.
+    pub fn job_id(&self) -> Option<&JobId> {
+        match self {
+            Command::SubmitJob { job_id, .. }
+            | Command::CancelJob { job_id, .. }
+            | Command::RestartTasks { job_id, .. }
+            | Command::AllocateCheckpointId { job_id, .. }
+            | Command::RecordCheckpoint { job_id, .. } => Some(job_id),
+            _ => None,
+        }
+    }
+
+    /// The TaskManager the command is about, for traces.
+    pub fn task_manager(&self) -> Option<&TaskManagerId> {
+        match self {
+            Command::RegisterTaskManager { spec, .. } => Some(&spec.id),
+            Command::ExpireTaskManager { id, .. } | Command::UnregisterTaskManager { id, .. } => {
+                Some(id)
+            }
+            Command::ReportTaskState { task_manager, .. } => Some(task_manager),
+            _ => None,
+        }
+    }
 }
 
 /// What became of one report in a ReportTaskState batch.

@@ -11,15 +11,19 @@
 //! It must never reorder one caller's commands (a caller waits for each result before
 //! proposing again, so it cannot), never merge a batch into a batch, and never let one
 //! command's rejection touch another's result: the state machine applies a batch's
-//! commands independently.
+//! commands independently, and [`split`] hands each caller its own.
+//!
+//! The decisions are pure functions ([`gather`], [`split`]) and the loop is generic
+//! over how a command is proposed, so the unit tests drive it without Raft.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::replica::{write_error, WriteError};
+use super::error::{write_error, WriteError};
 use super::{Applied, Raft};
-use dispatcher_core::state::{Command, Response};
+use dispatcher_core::state::{Command, Rejection, Response};
 
 /// Most commands in one batch.
 pub const MAX_BATCH_COMMANDS: usize = 512;
@@ -29,7 +33,10 @@ pub const MAX_BATCH_BYTES: usize = 4 << 20;
 /// previous batch's replication.
 pub const MAX_IN_FLIGHT: usize = 2;
 
-type Reply = oneshot::Sender<Result<(Applied, u64), WriteError>>;
+/// One command's answer and the log index it was applied at.
+pub type Outcome = (Result<Response, Rejection>, u64);
+
+type Reply = oneshot::Sender<Result<Outcome, WriteError>>;
 
 struct Pending {
     command: Command,
@@ -46,18 +53,32 @@ pub struct Batcher {
 impl Batcher {
     /// Starts the batching task for `raft`.
     pub fn spawn(raft: Raft) -> Batcher {
+        Self::spawn_with(move |command| {
+            let raft = raft.clone();
+            async move {
+                raft.client_write(command)
+                    .await
+                    .map(|r| (r.data, r.log_id.index))
+                    .map_err(write_error)
+            }
+        })
+    }
+
+    /// Starts a batching task that proposes each entry with `propose` (Raft, or a stand-in
+    /// in tests).
+    fn spawn_with<P, F>(propose: P) -> Batcher
+    where
+        P: Fn(Command) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<(Applied, u64), WriteError>> + Send + 'static,
+    {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(raft, rx));
+        tokio::spawn(run(Arc::new(propose), rx));
         Batcher { tx }
     }
 
     /// Proposes `command` and waits until it is committed and applied here.
-    pub async fn propose(&self, command: Command) -> Result<(Applied, u64), WriteError> {
-        // Commands that are large by nature, and batches, travel alone.
-        let bytes = match &command {
-            Command::RestoreState { .. } | Command::Batch(_) => MAX_BATCH_BYTES,
-            c => dispatcher_core::codec::encode(c).map_or(MAX_BATCH_BYTES, |b| b.len()),
-        };
+    pub async fn propose(&self, command: Command) -> Result<Outcome, WriteError> {
+        let bytes = size_of_command(&command);
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Pending {
@@ -71,7 +92,68 @@ impl Batcher {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>) {
+/// The bytes a command counts for in a batch. Commands that are large by nature, and
+/// batches, count as a whole batch, so they travel alone.
+fn size_of_command(command: &Command) -> usize {
+    match command {
+        Command::RestoreState { .. } | Command::Batch(_) => MAX_BATCH_BYTES,
+        c => dispatcher_core::codec::encode(c).map_or(MAX_BATCH_BYTES, |b| b.len()),
+    }
+}
+
+/// The gathering step: starting from `first`, takes what `next` has ready (sizes by
+/// `size`) until the batch is full by count or bytes. Returns the batch and the item
+/// that did not fit, which starts the next batch. Never returns an empty batch.
+pub fn gather<T>(
+    first: T,
+    size: impl Fn(&T) -> usize,
+    mut next: impl FnMut() -> Option<T>,
+) -> (Vec<T>, Option<T>) {
+    let mut bytes = size(&first);
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
+        match next() {
+            Some(p) if bytes + size(&p) > MAX_BATCH_BYTES => return (batch, Some(p)),
+            Some(p) => {
+                bytes += size(&p);
+                batch.push(p);
+            }
+            None => break,
+        }
+    }
+    (batch, None)
+}
+
+/// Splits what a `Command::Batch` of `count` commands was applied as into each
+/// command's own result. Anything but a batch answer of that length is a fault that
+/// fails every caller alike.
+pub fn split(
+    count: usize,
+    applied: Applied,
+) -> Result<Vec<Result<Response, Rejection>>, WriteError> {
+    match applied {
+        Applied::Command(Ok(Response::Batch(results))) if results.len() == count => Ok(results),
+        other => Err(WriteError::Fatal(format!(
+            "a batch of {count} commands was applied as {other:?}"
+        ))),
+    }
+}
+
+/// The one command's outcome, or a fault if Raft answered with an internal entry.
+fn single(applied: Applied) -> Result<Result<Response, Rejection>, WriteError> {
+    match applied {
+        Applied::Command(outcome) => Ok(outcome),
+        Applied::Internal => Err(WriteError::Fatal(
+            "a command was applied as an internal entry".into(),
+        )),
+    }
+}
+
+async fn run<P, F>(propose: Arc<P>, mut rx: mpsc::UnboundedReceiver<Pending>)
+where
+    P: Fn(Command) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<(Applied, u64), WriteError>> + Send + 'static,
+{
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut carry: Option<Pending> = None;
     loop {
@@ -86,67 +168,48 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>) {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let mut bytes = first.bytes;
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(p) if bytes + p.bytes > MAX_BATCH_BYTES => {
-                    carry = Some(p);
-                    break;
-                }
-                Ok(p) => {
-                    bytes += p.bytes;
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
-        let raft = raft.clone();
+        let (batch, rest) = gather(first, |p| p.bytes, || rx.try_recv().ok());
+        carry = rest;
+        let propose = propose.clone();
         tokio::spawn(async move {
-            propose(&raft, batch).await;
+            propose_batch(&*propose, batch).await;
             drop(slot);
         });
     }
 }
 
-async fn propose(raft: &Raft, mut batch: Vec<Pending>) {
+async fn propose_batch<P, F>(propose: &P, mut batch: Vec<Pending>)
+where
+    P: Fn(Command) -> F,
+    F: Future<Output = Result<(Applied, u64), WriteError>>,
+{
     if batch.len() == 1 {
         let p = batch.remove(0);
-        let result = raft
-            .client_write(p.command)
+        let result = propose(p.command)
             .await
-            .map(|r| (r.data, r.log_id.index))
-            .map_err(write_error);
+            .and_then(|(applied, index)| single(applied).map(|o| (o, index)));
         let _ = p.reply.send(result);
         return;
     }
     let (commands, replies): (Vec<Command>, Vec<Reply>) =
         batch.into_iter().map(|p| (p.command, p.reply)).unzip();
     let count = commands.len();
-    match raft.client_write(Command::Batch(commands)).await {
-        Ok(r) => {
-            let index = r.log_id.index;
-            match r.data {
-                Applied::Command(Ok(Response::Batch(results))) if results.len() == count => {
-                    for (reply, result) in replies.into_iter().zip(results) {
-                        let _ = reply.send(Ok((Applied::Command(result), index)));
-                    }
-                }
-                other => {
-                    let e = WriteError::Fatal(format!(
-                        "a batch of {count} commands was applied as {other:?}"
-                    ));
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                }
+    let results = propose(Command::Batch(commands))
+        .await
+        .and_then(|(applied, index)| split(count, applied).map(|r| (r, index)));
+    match results {
+        Ok((results, index)) => {
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(Ok((result, index)));
             }
         }
         Err(e) => {
-            let e = write_error(e);
             for reply in replies {
                 let _ = reply.send(Err(e.clone()));
             }
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

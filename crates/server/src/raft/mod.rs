@@ -7,6 +7,7 @@
 
 pub mod barrier;
 pub mod batcher;
+pub mod error;
 pub mod log_store;
 pub mod network;
 pub mod replica;
@@ -24,7 +25,8 @@ pub type NodeId = u64;
 /// A replica's address, as carried in the Raft membership.
 pub type Node = openraft::BasicNode;
 
-/// What `apply` returns for one log entry.
+/// What `apply` returns for one log entry. Only the raft layer sees the `Internal`
+/// case: [`replica::Replica::propose`] hands callers the command's own outcome.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Applied {
     /// A state-machine command and its outcome.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::error::{InitializeError, RaftError};
 use openraft::{Config, SnapshotPolicy};
 
 use super::barrier::Barrier;
@@ -18,8 +18,11 @@ use super::batcher::Batcher;
 use super::log_store::{Identity, LogStore, OpenError};
 use super::network::{GrpcNetwork, NetworkConfig};
 use super::sm_store::{SharedState, StateMachineStore};
-use super::{Applied, Node, NodeId, Raft, RaftMetrics, TypeConfig};
-use dispatcher_core::state::{ClusterConfig, Command};
+use super::{Node, NodeId, Raft, RaftMetrics, TypeConfig};
+use dispatcher_core::state::{ClusterConfig, Command, Rejection, Response};
+
+use super::error::write_error;
+pub use super::error::WriteError;
 
 /// Raft timing and snapshot settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,23 +110,6 @@ pub enum StartError {
     Raft(String),
 }
 
-/// Why a write did not commit.
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum WriteError {
-    /// This replica is not the leader; `leader` is the leader's id and address if known.
-    #[error("not the leader (leader: {leader:?})")]
-    NotLeader {
-        /// The leader, when known.
-        leader: Option<(NodeId, String)>,
-    },
-    /// Raft stopped (shutdown or a fatal storage error).
-    #[error("raft stopped: {0}")]
-    Fatal(String),
-    /// A membership change was refused.
-    #[error("membership change refused: {0}")]
-    Membership(String),
-}
-
 /// What a replica needs to start.
 #[derive(Clone, Debug)]
 pub struct ReplicaOptions {
@@ -179,41 +165,6 @@ pub async fn open_storage(
     let (log, fresh) = LogStore::open(&data_dir.join("raft"), identity)?;
     let sm = StateMachineStore::open(&data_dir.join("snapshot"), state_config).await?;
     Ok((log, sm, fresh))
-}
-
-/// "Not the leader", with the leader's id and address when openraft knows them.
-/// Maps openraft's write errors to ours.
-pub(super) fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> WriteError {
-    if let Some(f) = e.forward_to_leader() {
-        return not_leader(f);
-    }
-    match e {
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(m)) => {
-            WriteError::Membership(m.to_string())
-        }
-        other => WriteError::Fatal(other.to_string()),
-    }
-}
-
-/// Maps openraft's read-barrier errors to ours.
-pub(super) fn read_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>) -> WriteError {
-    if let Some(f) = e.forward_to_leader() {
-        return not_leader(f);
-    }
-    WriteError::Fatal(e.to_string())
-}
-
-fn not_leader(f: &openraft::error::ForwardToLeader<NodeId, Node>) -> WriteError {
-    WriteError::NotLeader {
-        leader: f.leader_id.map(|id| {
-            let addr = f
-                .leader_node
-                .as_ref()
-                .map(|n| n.addr.clone())
-                .unwrap_or_default();
-            (id, addr)
-        }),
-    }
 }
 
 impl Replica {
@@ -285,9 +236,25 @@ impl Replica {
         Ok(replica)
     }
 
-    /// Proposes a command and waits until it is committed and applied here. Concurrent
-    /// proposals share log entries (see [`super::batcher`]).
-    pub async fn propose(&self, command: Command) -> Result<(Applied, u64), WriteError> {
+    /// Proposes a command and waits until it is committed and applied here; returns the
+    /// state machine's answer. Concurrent proposals share log entries (see
+    /// [`super::batcher`]).
+    pub async fn propose(
+        &self,
+        command: Command,
+    ) -> Result<Result<Response, Rejection>, WriteError> {
+        self.batcher
+            .propose(command)
+            .await
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// [`Self::propose`], also returning the log index the command was applied at (for
+    /// callers that wait for other replicas to apply it).
+    pub async fn propose_indexed(
+        &self,
+        command: Command,
+    ) -> Result<(Result<Response, Rejection>, u64), WriteError> {
         self.batcher.propose(command).await
     }
 

@@ -253,7 +253,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 g.last_applied = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => out.push(Applied::Internal),
-                    EntryPayload::Normal(cmd) => out.push(Applied::Command(g.state.apply(cmd))),
+                    EntryPayload::Normal(cmd) => {
+                        trace_apply(entry.log_id.index, &cmd);
+                        out.push(Applied::Command(g.state.apply(cmd)));
+                    }
                     EntryPayload::Membership(m) => {
                         g.membership = StoredMembership::new(Some(entry.log_id), m);
                         out.push(Applied::Internal);
@@ -313,5 +316,26 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: s.meta.clone(),
             snapshot: Box::new(Cursor::new(s.data.clone())),
         }))
+    }
+}
+
+/// A debug event per applied command, with the job and TaskManager as fields, so that a
+/// job can be followed from the edge's `rpc` span to `apply` on every replica.
+fn trace_apply(index: u64, cmd: &dispatcher_core::state::Command) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let batch = match cmd {
+        dispatcher_core::state::Command::Batch(commands) => commands.as_slice(),
+        single => std::slice::from_ref(single),
+    };
+    for c in batch {
+        tracing::debug!(
+            index,
+            command = c.name(),
+            job_id = c.job_id().map(ToString::to_string),
+            task_manager = c.task_manager().map(ToString::to_string),
+            "applied"
+        );
     }
 }

@@ -5,14 +5,14 @@
 use std::time::Duration;
 
 use openraft::ServerState;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::Request;
 
+use super::edge::{BoxStream, Edge};
 use super::forward::Forwarder;
-use super::route::Edge;
-use super::status;
+use super::status::ApiError;
 use crate::raft::replica::Replica;
 use crate::raft::NodeId;
+use dispatcher_proto::v1 as pb;
 use dispatcher_proto::v1::cluster_service_client::ClusterServiceClient;
 use dispatcher_proto::v1::cluster_service_server::ClusterService;
 use dispatcher_proto::v1::{
@@ -24,6 +24,16 @@ use dispatcher_proto::v1::{
 const PEER_STATUS_TIMEOUT: Duration = Duration::from_millis(500);
 /// Size of one Snapshot stream message.
 const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+edge_service! {
+    ClusterService for ClusterServer, forward with ClusterServiceClient {
+        type SnapshotStream = BoxStream<pb::SnapshotChunk>;
+        rpc status(StatusRequest) -> StatusResponse: Local => status;
+        rpc add_node(AddNodeRequest) -> AddNodeResponse: Leader => add_node;
+        rpc remove_node(RemoveNodeRequest) -> RemoveNodeResponse: Leader => remove_node;
+        rpc snapshot(SnapshotRequest) -> Self::SnapshotStream: Linearizable => snapshot [stream];
+    }
+}
 
 /// Serves `ClusterService` for one replica.
 pub struct ClusterServer {
@@ -111,26 +121,23 @@ impl ClusterServer {
     }
 }
 
-fn check_address(field: &str, addr: &str) -> Result<(), Status> {
+fn check_address(field: &str, addr: &str) -> Result<(), ApiError> {
     match addr.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
-        _ => Err(Status::invalid_argument(format!(
-            "{field}: {addr:?} is not HOST:PORT"
-        ))),
+        _ => Err(ApiError::invalid(
+            field,
+            format!("{addr:?} is not HOST:PORT"),
+        )),
     }
 }
 
-#[tonic::async_trait]
-impl ClusterService for ClusterServer {
-    async fn status(
-        &self,
-        request: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
+impl ClusterServer {
+    async fn status(&self, req: StatusRequest) -> Result<StatusResponse, ApiError> {
         let local = self.local_status();
         let leader = self.replica.leader();
         let mut replicas = vec![];
         let members = self.members();
-        if request.into_inner().local_only {
+        if req.local_only {
             replicas.push(local);
         } else {
             let others = members.iter().filter(|m| m.id != self.replica.id);
@@ -139,124 +146,64 @@ impl ClusterService for ClusterServer {
             replicas.append(&mut fetched);
             replicas.sort_by_key(|r| r.id);
         }
-        Ok(Response::new(StatusResponse {
+        Ok(StatusResponse {
             replicas,
             leader_id: leader.as_ref().map_or(0, |(id, _)| *id),
             leader_address: leader.map(|(_, a)| a).unwrap_or_default(),
             responder_id: self.replica.id,
             membership: members,
-        }))
+        })
     }
 
-    async fn add_node(
-        &self,
-        request: Request<AddNodeRequest>,
-    ) -> Result<Response<AddNodeResponse>, Status> {
-        let forwarded = self
-            .edge
-            .forward_or_local(&request, |ch, req| async move {
-                ClusterServiceClient::new(ch).add_node(req).await
-            })
-            .await?;
-        if let Some(resp) = forwarded {
-            return Ok(resp);
-        }
-        let req = request.into_inner();
+    async fn add_node(&self, req: AddNodeRequest) -> Result<AddNodeResponse, ApiError> {
         if req.node_id == 0 {
-            return Err(Status::invalid_argument("node_id: replica ids start at 1"));
+            return Err(ApiError::invalid("node_id", "replica ids start at 1"));
         }
         check_address("address", &req.address)?;
         self.replica
             .add_node(req.node_id, req.address, req.promote)
-            .await
-            .map_err(status::write_error)?;
-        Ok(Response::new(AddNodeResponse {
+            .await?;
+        Ok(AddNodeResponse {
             membership: self.members(),
-        }))
+        })
     }
 
-    async fn remove_node(
-        &self,
-        request: Request<RemoveNodeRequest>,
-    ) -> Result<Response<RemoveNodeResponse>, Status> {
-        let forwarded = self
-            .edge
-            .forward_or_local(&request, |ch, req| async move {
-                ClusterServiceClient::new(ch).remove_node(req).await
-            })
-            .await?;
-        if let Some(resp) = forwarded {
-            return Ok(resp);
-        }
-        let req = request.into_inner();
+    async fn remove_node(&self, req: RemoveNodeRequest) -> Result<RemoveNodeResponse, ApiError> {
         if !self.members().iter().any(|m| m.id == req.node_id) {
-            return Err(Status::not_found(format!(
+            return Err(ApiError::NotFound(format!(
                 "replica {} is not a member",
                 req.node_id
             )));
         }
-        self.replica
-            .remove_node(req.node_id)
-            .await
-            .map_err(status::write_error)?;
-        Ok(Response::new(RemoveNodeResponse {
+        self.replica.remove_node(req.node_id).await?;
+        Ok(RemoveNodeResponse {
             membership: self.members(),
-        }))
+        })
     }
 
-    type SnapshotStream = ReceiverStream<Result<SnapshotChunk, Status>>;
-
-    async fn snapshot(
-        &self,
-        _request: Request<SnapshotRequest>,
-    ) -> Result<Response<Self::SnapshotStream>, Status> {
-        // Linearizable: only the leader, after confirming it still leads, serves it; a
-        // follower relays the leader's stream.
-        let forwarded = self
-            .edge
-            .forward_or_local(&_request, |ch, req| async move {
-                ClusterServiceClient::new(ch).snapshot(req).await
-            })
-            .await?;
-        if let Some(remote) = forwarded {
-            let mut remote = remote.into_inner();
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            tokio::spawn(async move {
-                use tokio_stream::StreamExt;
-                while let Some(item) = remote.next().await {
-                    if tx.send(item).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            return Ok(Response::new(ReceiverStream::new(rx)));
-        }
-        self.replica
-            .read_barrier()
-            .await
-            .map_err(status::write_error)?;
+    /// A consistent copy of the state, served by the leader after a read barrier (a
+    /// follower relays the leader's stream).
+    async fn snapshot(&self, _req: SnapshotRequest) -> Result<BoxStream<SnapshotChunk>, ApiError> {
         let (bytes, last) = {
             let g = self.replica.state.read();
             let bytes = g
                 .state
                 .encode()
-                .map_err(|e| Status::internal(format!("cannot encode the state: {e}")))?;
+                .map_err(|e| ApiError::Internal(format!("cannot encode the state: {e}")))?;
             (bytes, g.last_applied)
         };
         let (index, term) = last.map_or((0, 0), |l| (l.index, l.leader_id.term));
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            for chunk in bytes.chunks(SNAPSHOT_CHUNK) {
-                let msg = SnapshotChunk {
-                    data: chunk.to_vec(),
-                    last_log_index: index,
-                    last_log_term: term,
-                };
-                if tx.send(Ok(msg)).await.is_err() {
-                    return;
-                }
-            }
+        // Chunks are copied out one at a time as the client reads them, not all at once.
+        let count = bytes.len().div_ceil(SNAPSHOT_CHUNK);
+        let chunks = (0..count).map(move |i| {
+            let start = i * SNAPSHOT_CHUNK;
+            let end = (start + SNAPSHOT_CHUNK).min(bytes.len());
+            Ok(SnapshotChunk {
+                data: bytes[start..end].to_vec(),
+                last_log_index: index,
+                last_log_term: term,
+            })
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Box::pin(tokio_stream::iter(chunks)))
     }
 }

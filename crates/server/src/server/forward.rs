@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status};
+use tonic::Request;
+
+use super::status::ApiError;
 
 pub use dispatcher_proto::headers::FORWARDED as FORWARDED_KEY;
 
@@ -20,13 +22,13 @@ pub struct Forwarder {
 
 impl Forwarder {
     /// A channel to `addr`, created lazily (no connection until the first call).
-    pub fn channel(&self, addr: &str) -> Result<Channel, Status> {
+    pub fn channel(&self, addr: &str) -> Result<Channel, ApiError> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
         let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(format!("leader address {addr:?}: {e}")))?
+            .map_err(|e| ApiError::Internal(format!("leader address {addr:?}: {e}")))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .connect_lazy();

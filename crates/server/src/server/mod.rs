@@ -1,15 +1,18 @@
 //! The gRPC edge of a replica: the services it serves, error mapping, forwarding to the
 //! leader, configuration, and `run`, which the `dispatcher` binary calls.
 //!
-//! Architecture invariant: handlers translate between protobuf and domain types and
-//! delegate; they hold no dispatcher logic. Errors become `Status` in `status` only.
+//! Architecture invariant: every RPC passes through the [`edge`], which alone decides
+//! where it is served (from the consistency its service declares) and opens its trace
+//! span; handlers translate between protobuf and domain types and delegate, and hold no
+//! dispatcher logic. Errors become `Status` in `status` only.
 
+#[macro_use]
+pub mod edge;
 pub mod cluster_service;
 pub mod config;
 pub mod forward;
 pub mod job_service;
 pub mod raft_service;
-pub mod route;
 pub mod status;
 pub mod taskmanager_service;
 
@@ -127,21 +130,20 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
-    let forwarder = forward::Forwarder::default();
-    let raft_service = RaftServiceServer::new(raft_service::RaftServer::new(replica.raft.clone()))
+    let edge = edge::Edge {
+        replica: replica.clone(),
+        forwarder: forward::Forwarder::default(),
+    };
+    let raft_service = RaftServiceServer::new(raft_service::RaftServer::new(edge.clone()))
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
         .max_encoding_message_size(MAX_RAFT_MESSAGE);
-    let edge = route::Edge {
-        replica: replica.clone(),
-        forwarder,
-    };
     let cluster_service =
         ClusterServiceServer::new(cluster_service::ClusterServer::new(edge.clone()));
     let liveness = crate::leader::Liveness::new(config.liveness.clone());
     let duties = tokio::spawn(crate::leader::run(replica.clone(), liveness.clone()));
     let task_managers = TaskManagerServiceServer::new(taskmanager_service::TaskManagerServer::new(
         edge.clone(),
-        liveness,
+        crate::taskmanagers::TaskManagers::new(replica.clone(), liveness),
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let jobs = JobServiceServer::new(job_service::JobServer::new(edge, stop_rx.clone()));
@@ -192,7 +194,6 @@ pub async fn serve(
 /// Seeds a new cluster with a backup: once this replica leads, it proposes RestoreState,
 /// so the restored state reaches every replica through the log.
 async fn restore(replica: Replica, backup: dispatcher_core::backup::Backup) {
-    use crate::raft::Applied;
     use dispatcher_core::state::{Command, Response};
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while tokio::time::Instant::now() < deadline {
@@ -201,12 +202,12 @@ async fn restore(replica: Replica, backup: dispatcher_core::backup::Backup) {
                 let cmd = Command::RestoreState {
                     state: backup.state.clone(),
                 };
-                match replica.propose(cmd).await {
+                match replica.propose_indexed(cmd).await {
                     Ok((
-                        Applied::Command(Ok(Response::Restored {
+                        Ok(Response::Restored {
                             jobs,
                             task_managers,
-                        })),
+                        }),
                         index,
                     )) => {
                         tracing::info!(jobs, task_managers, index, digest = %backup.digest, "restored the backup");

@@ -1,58 +1,61 @@
 //! `RaftService`: peers' AppendEntries, Vote and InstallSnapshot calls, handed to the
 //! local openraft instance. Payloads are codec bytes; the reply carries openraft's own
-//! `Result`, so a remote Raft error reaches the caller as such.
+//! `Result`, so a remote Raft error reaches the caller as such. Served here, never
+//! forwarded; like every service it passes through the edge.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::{Request, Response, Status};
 
+use super::edge::Edge;
+use super::status::ApiError;
 use crate::raft::Raft;
 use dispatcher_core::codec;
+use dispatcher_proto::v1::raft_service_client::RaftServiceClient;
 use dispatcher_proto::v1::raft_service_server::RaftService;
 use dispatcher_proto::v1::RaftMessage;
 
 /// Serves the Raft RPCs of one replica.
 pub struct RaftServer {
+    edge: Edge,
     raft: Raft,
 }
 
-impl RaftServer {
-    /// A server for `raft`.
-    pub fn new(raft: Raft) -> Self {
-        RaftServer { raft }
+edge_service! {
+    RaftService for RaftServer, forward with RaftServiceClient {
+        rpc append_entries(RaftMessage) -> RaftMessage: Local => append_entries;
+        rpc vote(RaftMessage) -> RaftMessage: Local => vote;
+        rpc install_snapshot(RaftMessage) -> RaftMessage: Local => install_snapshot;
     }
 }
 
-fn decode<T: DeserializeOwned>(req: Request<RaftMessage>) -> Result<T, Status> {
-    codec::decode(&req.into_inner().payload)
-        .map_err(|e| Status::invalid_argument(format!("payload: {e}")))
+fn decode<T: DeserializeOwned>(message: RaftMessage) -> Result<T, ApiError> {
+    codec::decode(&message.payload).map_err(|e| ApiError::invalid("payload", e))
 }
 
-fn reply<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
-    let payload = codec::encode(value).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(Response::new(RaftMessage { payload }))
+fn reply<T: Serialize>(value: &T) -> Result<RaftMessage, ApiError> {
+    let payload = codec::encode(value).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(RaftMessage { payload })
 }
 
-#[tonic::async_trait]
-impl RaftService for RaftServer {
-    async fn append_entries(
-        &self,
-        request: Request<RaftMessage>,
-    ) -> Result<Response<RaftMessage>, Status> {
-        let rpc = decode(request)?;
+impl RaftServer {
+    /// A server for the replica behind `edge`.
+    pub fn new(edge: Edge) -> Self {
+        let raft = edge.replica.raft.clone();
+        RaftServer { edge, raft }
+    }
+
+    async fn append_entries(&self, message: RaftMessage) -> Result<RaftMessage, ApiError> {
+        let rpc = decode(message)?;
         reply(&self.raft.append_entries(rpc).await)
     }
 
-    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let rpc = decode(request)?;
+    async fn vote(&self, message: RaftMessage) -> Result<RaftMessage, ApiError> {
+        let rpc = decode(message)?;
         reply(&self.raft.vote(rpc).await)
     }
 
-    async fn install_snapshot(
-        &self,
-        request: Request<RaftMessage>,
-    ) -> Result<Response<RaftMessage>, Status> {
-        let rpc = decode(request)?;
+    async fn install_snapshot(&self, message: RaftMessage) -> Result<RaftMessage, ApiError> {
+        let rpc = decode(message)?;
         reply(&self.raft.install_snapshot(rpc).await)
     }
 }

@@ -1,21 +1,35 @@
 //! The one place where errors become `tonic::Status`.
 //!
-//! "Not the leader" becomes UNAVAILABLE with the leader's address in the
-//! `x-dispatcher-leader` metadata (and its id in `x-dispatcher-leader-id`), which the
-//! client library follows; rejections map to the codes the proto documents.
+//! Handlers and the edge return [`ApiError`] (`crate::error`); only `From<ApiError> for Status` here
+//! picks codes and metadata. "Not the leader" becomes UNAVAILABLE with the leader's
+//! address in the `x-dispatcher-leader` metadata (and its id in
+//! `x-dispatcher-leader-id`), which the client library follows; rejections map to the
+//! codes the proto documents.
 
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
-use crate::raft::replica::WriteError;
+pub use crate::error::ApiError;
+use crate::raft::error::WriteError;
 use dispatcher_core::state::Rejection;
-
 pub use dispatcher_proto::headers::{
     LEADER_ADDRESS as LEADER_ADDRESS_KEY, LEADER_ID as LEADER_ID_KEY,
 };
 
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        match e {
+            ApiError::Rejected(r) => rejection(&r),
+            ApiError::Write(w) => write_error(w),
+            ApiError::NotFound(m) => Status::not_found(m),
+            ApiError::Unavailable(m) => Status::unavailable(m),
+            ApiError::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
 /// Maps a Raft write (or read-barrier) failure.
-pub fn write_error(e: WriteError) -> Status {
+fn write_error(e: WriteError) -> Status {
     match e {
         WriteError::NotLeader { leader } => {
             let msg = match &leader {
@@ -41,7 +55,7 @@ pub fn write_error(e: WriteError) -> Status {
 }
 
 /// Maps a state-machine rejection.
-pub fn rejection(r: &Rejection) -> Status {
+fn rejection(r: &Rejection) -> Status {
     let code = match r {
         Rejection::Invalid { .. } => Code::InvalidArgument,
         Rejection::AlreadyExists { .. } => Code::AlreadyExists,
@@ -63,9 +77,9 @@ mod tests {
 
     #[test]
     fn not_leader_carries_the_leader_hint() {
-        let s = write_error(WriteError::NotLeader {
+        let s = Status::from(ApiError::Write(WriteError::NotLeader {
             leader: Some((2, "127.0.0.1:7002".into())),
-        });
+        }));
         assert_eq!(s.code(), Code::Unavailable);
         assert_eq!(
             s.metadata()
@@ -83,11 +97,29 @@ mod tests {
 
     #[test]
     fn invalid_input_names_the_field() {
-        let s = rejection(&Rejection::invalid(
+        let s = Status::from(ApiError::invalid(
             "spec.vertices[0].parallelism",
             "must be at least 1",
         ));
         assert_eq!(s.code(), Code::InvalidArgument);
         assert!(s.message().contains("spec.vertices[0].parallelism"));
+    }
+
+    #[test]
+    fn rejections_map_to_the_documented_codes() {
+        let unknown = Rejection::UnknownJob {
+            job_id: dispatcher_core::state::JobId::parse("00000000-0000-4000-8000-000000000001")
+                .expect("a uuid"),
+        };
+        assert_eq!(Status::from(ApiError::from(unknown)).code(), Code::NotFound);
+        let membership = WriteError::Membership("last voter".into());
+        assert_eq!(
+            Status::from(ApiError::from(membership)).code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            Status::from(ApiError::Unavailable("shutting down".into())).code(),
+            Code::Unavailable
+        );
     }
 }

@@ -1,0 +1,34 @@
+//! What can go wrong serving a request, in the server's own terms: the services, the
+//! watch and the TaskManager protocol return [`ApiError`], and only
+//! `server::status` turns it into a gRPC `Status`.
+
+use crate::raft::error::WriteError;
+use dispatcher_core::state::Rejection;
+
+/// Why an RPC failed, in the server's own terms.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The state machine (or the input check before proposing) refused the request.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    /// The write or read barrier did not go through Raft.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// Something the request names does not exist (other than a job or TaskManager,
+    /// which are rejections).
+    #[error("{0}")]
+    NotFound(String),
+    /// This replica cannot serve now (shutting down); another replica may.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A fault of this replica, not of the request.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// Bad input: the field and the reason.
+    pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Self {
+        ApiError::Rejected(Rejection::invalid(field, reason.to_string()))
+    }
+}

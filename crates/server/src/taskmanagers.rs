@@ -1,0 +1,149 @@
+//! The leader's side of the TaskManager protocol, in domain terms: registration,
+//! heartbeats (which carry task reports and answer with the attempts to run and to
+//! stop) and unregistration. The gRPC service only translates to and from these.
+//!
+//! Heartbeats are not Raft writes: a heartbeat without reports only refreshes the
+//! in-memory lease ([`Liveness`]); reports are proposed as one `ReportTaskState`.
+//! Callers serve these on the leader after a read barrier (the edge sees to it), so
+//! a deposed or lagging leader never tells a TaskManager it is unknown, nor hands it a
+//! stale list of attempts.
+//!
+//! Architecture invariant: proposes commands and reads the applied state; knows no
+//! gRPC.
+
+use crate::error::ApiError;
+use crate::leader::{wall_clock_ms, Liveness};
+use crate::raft::replica::Replica;
+use dispatcher_core::state::{
+    self, Assignment, Command, JobId, Rejection, ReportOutcome, Response, TaskManagerId,
+    TaskManagerSpec, TaskReport,
+};
+
+/// What a heartbeat answers.
+#[derive(Debug, PartialEq)]
+pub enum HeartbeatAnswer {
+    /// This instance is not registered (unknown or expired): it must kill everything and
+    /// register afresh.
+    Unregistered,
+    /// The attempts it should run, and those it should stop.
+    Registered {
+        /// Attempts to run.
+        run: Vec<Assignment>,
+        /// Attempts to stop.
+        stop: Vec<Assignment>,
+    },
+}
+
+/// The TaskManager protocol of one replica (served while it leads).
+#[derive(Clone)]
+pub struct TaskManagers {
+    replica: Replica,
+    /// Heartbeat tracking, shared with the leader's duty loop.
+    pub liveness: Liveness,
+}
+
+impl TaskManagers {
+    /// The protocol over `replica`, recording heartbeats in `liveness`.
+    pub fn new(replica: Replica, liveness: Liveness) -> Self {
+        TaskManagers { replica, liveness }
+    }
+
+    /// Registers an instance; returns the attempts it should run (a re-registration
+    /// after a failover keeps its attempts).
+    pub async fn register(&self, spec: TaskManagerSpec) -> Result<Vec<Assignment>, ApiError> {
+        {
+            let g = self.replica.state.read();
+            state::validate_task_manager(&spec, g.state.config())?;
+        }
+        let (id, instance) = (spec.id.clone(), spec.instance.clone());
+        self.replica
+            .propose(Command::RegisterTaskManager {
+                spec,
+                now: wall_clock_ms(),
+            })
+            .await??;
+        self.liveness.seen(&id, &instance);
+        tracing::info!(instance = %instance, "TaskManager registered");
+        Ok(self.replica.state.read().state.assignments(&id))
+    }
+
+    /// A heartbeat of `instance` carrying `reports`.
+    pub async fn heartbeat(
+        &self,
+        id: &TaskManagerId,
+        instance: &str,
+        reports: Vec<TaskReport>,
+    ) -> Result<HeartbeatAnswer, ApiError> {
+        if !self.registered(id, instance) {
+            return Ok(HeartbeatAnswer::Unregistered);
+        }
+        self.liveness.seen(id, instance);
+        if !reports.is_empty() {
+            let outcome = self
+                .replica
+                .propose(Command::ReportTaskState {
+                    task_manager: id.clone(),
+                    instance: instance.to_string(),
+                    reports,
+                    now: wall_clock_ms(),
+                })
+                .await?;
+            match outcome {
+                Ok(Response::Reports { outcomes }) => {
+                    for o in outcomes {
+                        if let ReportOutcome::Ignored(why) = o {
+                            tracing::debug!(reason = %why, "report ignored");
+                        }
+                    }
+                }
+                Ok(_) => {}
+                // Expired between the check and the proposal.
+                Err(Rejection::UnknownTaskManager { .. }) => {
+                    return Ok(HeartbeatAnswer::Unregistered)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let g = self.replica.state.read();
+        Ok(HeartbeatAnswer::Registered {
+            run: g.state.assignments(id),
+            stop: g.state.stopping(id),
+        })
+    }
+
+    /// Unregisters an instance; unregistering one that is already gone succeeds.
+    pub async fn unregister(&self, id: &TaskManagerId, instance: &str) -> Result<(), ApiError> {
+        if self.registered(id, instance) {
+            let outcome = self
+                .replica
+                .propose(Command::UnregisterTaskManager {
+                    id: id.clone(),
+                    instance: instance.to_string(),
+                    now: wall_clock_ms(),
+                })
+                .await?;
+            match outcome {
+                Ok(_) | Err(Rejection::UnknownTaskManager { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.liveness.forget(id);
+        tracing::info!(instance, "TaskManager unregistered");
+        Ok(())
+    }
+
+    /// The vertex names of a job, in index order (reports name vertices on the wire).
+    pub fn vertex_names(&self, job: &JobId) -> Option<Vec<String>> {
+        let g = self.replica.state.read();
+        g.state
+            .job(job)
+            .map(|j| j.spec.vertices.iter().map(|v| v.name.clone()).collect())
+    }
+
+    fn registered(&self, id: &TaskManagerId, instance: &str) -> bool {
+        let g = self.replica.state.read();
+        g.state
+            .task_manager(id)
+            .is_some_and(|tm| tm.spec.instance == instance)
+    }
+}
