@@ -1,0 +1,127 @@
+//! `DispatcherState`: the registry of jobs and TaskManagers, and `apply`.
+//!
+//! Every command is checked completely before anything changes, so a rejected command
+//! leaves the state byte-for-byte as it was (the property tests compare digests).
+//! Derived indexes (free slots, the placement queue, due restarts, terminal jobs,
+//! counters) are kept in step by the few functions that move slots and states, and are
+//! rebuilt, never decoded, on restore.
+//!
+//! This file owns the state's fields, `new`, `apply` (the dispatch of every command) and
+//! the command clock. The rest of `impl DispatcherState` is split by concern:
+//! - `queries`: read-only accessors (jobs, TaskManagers, assignments, due work);
+//! - `snapshot`: the canonical encoding, digest, restore and the rebuild of indexes;
+//! - `jobs`: job lifecycle (submit, cancel, failure, restart, settle, purge);
+//! - `task_managers`: registration and removal of TaskManagers;
+//! - `reports`: task state reports from TaskManagers;
+//! - `checkpoints`: checkpoint ids and completed-checkpoint pointers;
+//! - `queue`: the placement queue and gang placement.
+//!
+//! Architecture invariant, for every file here: nothing does I/O, reads a clock or draws
+//! a random number; time enters only as the `now` that the leader stamps into commands.
+
+mod checkpoints;
+mod jobs;
+mod queries;
+mod queue;
+mod reports;
+mod snapshot;
+mod task_managers;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::command::{ClusterConfig, Command, Counters, Rejection, Response};
+use super::placement::SlotIndex;
+use super::types::{Job, JobId, Millis, TaskManager, TaskManagerId};
+use super::validate::validate_cluster_config;
+
+pub use queries::Assignment;
+use queue::QueueKey;
+
+/// The replicated state of the dispatcher.
+#[derive(Clone, Debug, Default)]
+pub struct DispatcherState {
+    config: ClusterConfig,
+    /// Largest leader time seen in an accepted command; time never runs backwards here
+    /// even when a new leader's clock is behind the old one's.
+    clock: Millis,
+    next_seq: u64,
+    /// Where round-robin placement continues.
+    rr_cursor: Option<TaskManagerId>,
+    jobs: BTreeMap<JobId, Job>,
+    task_managers: BTreeMap<TaskManagerId, TaskManager>,
+
+    // Derived, never encoded.
+    index: SlotIndex,
+    queue: BTreeSet<QueueKey>,
+    restarts: BTreeSet<(Millis, JobId)>,
+    terminal: BTreeSet<(Millis, JobId)>,
+    counters: Counters,
+}
+
+impl DispatcherState {
+    /// An empty state with the given configuration.
+    pub fn new(config: ClusterConfig) -> Self {
+        let mut s = DispatcherState {
+            config,
+            ..Default::default()
+        };
+        s.rebuild_indexes();
+        s
+    }
+
+    /// Applies one command. Pure and deterministic: the same state and command give the
+    /// same result on every replica. A rejection changes nothing.
+    pub fn apply(&mut self, command: Command) -> Result<Response, Rejection> {
+        match command {
+            Command::SubmitJob { job_id, spec, now } => self.submit(job_id, spec, now),
+            Command::CancelJob { job_id, now } => self.cancel(&job_id, now),
+            Command::RegisterTaskManager { spec, now } => self.register(spec, now),
+            Command::ExpireTaskManager { id, instance, now } => {
+                self.remove_task_manager(&id, &instance, now, "lease expired")
+            }
+            Command::UnregisterTaskManager { id, instance, now } => {
+                self.remove_task_manager(&id, &instance, now, "unregistered")
+            }
+            Command::ReportTaskState {
+                task_manager,
+                instance,
+                reports,
+                now,
+            } => self.report(&task_manager, &instance, reports, now),
+            Command::RestartTasks { job_id, now } => self.restart(&job_id, now),
+            Command::AllocateCheckpointId { job_id, now } => self.allocate_checkpoint(&job_id, now),
+            Command::RecordCheckpoint {
+                job_id,
+                checkpoint_id,
+                location,
+                now,
+            } => self.record_checkpoint(&job_id, checkpoint_id, location, now),
+            Command::PurgeFinishedJobs { now } => Ok(self.purge(now)),
+            Command::RestoreState { state } => self.restore_state(&state),
+            Command::SetClusterConfig { config } => {
+                validate_cluster_config(&config)?;
+                // A lower retention applies at once: the oldest pointers go.
+                self.retain_checkpoints(config.max_retained_checkpoints as usize);
+                self.config = config;
+                Ok(Response::ConfigSet)
+            }
+            Command::Batch(commands) => {
+                if let Some(i) = commands.iter().position(|c| matches!(c, Command::Batch(_))) {
+                    return Err(Rejection::Invalid {
+                        field: format!("batch[{i}]"),
+                        reason: "a batch cannot hold a batch".into(),
+                    });
+                }
+                Ok(Response::Batch(
+                    commands.into_iter().map(|c| self.apply(c)).collect(),
+                ))
+            }
+        }
+    }
+
+    /// The time an accepted command runs at, and advances the clock to it.
+    fn tick(&mut self, now: Millis) -> Millis {
+        self.clock = self.clock.max(now);
+        self.clock
+    }
+}
