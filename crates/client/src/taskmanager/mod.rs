@@ -11,10 +11,14 @@
 //!
 //! Every attempt it starts and stops is appended to `<work-dir>/attempts.jsonl`, the
 //! TaskManager side of the chaos checker's history.
+//!
+//! Every decision is made by the pure core in [`reconcile`]; this module only feeds it
+//! what happened and carries out what it asks for (processes, heartbeats, the history).
 
+pub mod reconcile;
 pub mod runner;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,6 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::client::{Client, ClientConfig};
 use dispatcher_proto::v1 as pb;
+use reconcile::{Action, CancelReason, Event, Phase, Reconciler};
 use runner::{AttemptKey, Exit, Outcome, Running, Work};
 
 /// Flags of the `taskmanager` binary (also `TASKMANAGER_*` environment variables).
@@ -151,20 +156,24 @@ pub enum AgentError {
     Client(#[from] crate::client::ClientError),
 }
 
-struct Attempt {
-    running: Running,
-    slot: u32,
+/// What the main loop does once the actions of an event ran.
+enum Control {
+    Continue,
+    /// Register as a new instance.
+    Reregister,
+    /// Send these last reports, then unregister.
+    Unregister(Vec<pb::TaskStatusUpdate>),
 }
 
+/// The I/O around the reconcile core: processes, heartbeats, the history file.
 struct Agent {
     config: Config,
     client: Client,
     instance: String,
-    running: BTreeMap<AttemptKey, Attempt>,
-    /// Attempts that ended here; never started again.
-    done: BTreeSet<AttemptKey>,
-    /// Reports not yet acknowledged by a heartbeat.
-    pending: Vec<pb::TaskStatusUpdate>,
+    core: Reconciler,
+    /// Handles of the attempts started and not yet ended.
+    tasks: BTreeMap<AttemptKey, Running>,
+    /// Held here so that `exits` never closes while the agent runs.
     exits_tx: mpsc::UnboundedSender<Exit>,
     heartbeat: Duration,
     history: Option<std::fs::File>,
@@ -172,6 +181,12 @@ struct Agent {
 
 fn now_ms() -> u64 {
     dispatcher_proto::wall_clock_ms()
+}
+
+/// The heartbeat interval the leader asks for, bounded below so that a misconfigured
+/// leader cannot make the agent spin.
+fn interval(ms: u64) -> Duration {
+    Duration::from_millis(ms.max(50))
 }
 
 impl Agent {
@@ -190,26 +205,111 @@ impl Agent {
         }
     }
 
-    fn report(
-        &mut self,
-        key: &AttemptKey,
-        state: pb::TaskState,
-        exit_code: Option<i32>,
-        reason: String,
-    ) {
-        self.pending.push(pb::TaskStatusUpdate {
-            job_id: key.job.clone(),
-            vertex: key.vertex.clone(),
-            subtask: key.subtask,
-            attempt: key.attempt,
-            state: state as i32,
-            exit_code,
-            failure_reason: reason,
-            observed_at_ms: now_ms(),
-        });
+    /// Feeds one event to the reconcile core and executes the actions it returns.
+    fn step(&mut self, event: Event) -> Control {
+        let mut control = Control::Continue;
+        for action in self.core.step(now_ms(), event) {
+            match action {
+                Action::Start { key, slot, work } => self.start(key, slot, work),
+                Action::Cancel { key, why } => self.cancel(&key, why),
+                Action::Ended { key, slot, outcome } => {
+                    self.tasks.remove(&key);
+                    tracing::info!(
+                        task_manager = %self.config.id, job_id = %key.job, vertex = %key.vertex,
+                        subtask = key.subtask, attempt = key.attempt, ?outcome, "ended"
+                    );
+                    self.record("stop", &key, slot, &format!("{outcome:?}"));
+                }
+                Action::Reregister => control = Control::Reregister,
+                Action::Unregister { reports } => control = Control::Unregister(reports),
+            }
+        }
+        control
     }
 
-    async fn register(&mut self) {
+    fn start(&mut self, key: AttemptKey, slot: u32, work: Work) {
+        let task_dir = self.config.work_dir.join("tasks").join(key.file_name());
+        let env = BTreeMap::from([
+            ("DISPATCHER_JOB_ID".to_string(), key.job.clone()),
+            ("DISPATCHER_VERTEX".to_string(), key.vertex.clone()),
+            ("DISPATCHER_SUBTASK".to_string(), key.subtask.to_string()),
+            ("DISPATCHER_ATTEMPT".to_string(), key.attempt.to_string()),
+            ("DISPATCHER_SLOT".to_string(), slot.to_string()),
+            (
+                "DISPATCHER_TASK_MANAGER".to_string(),
+                self.config.id.clone(),
+            ),
+        ]);
+        let running = runner::start(
+            key.clone(),
+            work,
+            task_dir,
+            &self.pid_dir(),
+            env,
+            self.config.kill_grace,
+            self.exits_tx.clone(),
+        );
+        let pid = running
+            .pid
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "builtin".into());
+        tracing::info!(
+            task_manager = %self.config.id, job_id = %key.job, vertex = %key.vertex,
+            subtask = key.subtask, attempt = key.attempt, slot, pid = %pid, "started"
+        );
+        self.record("start", &key, slot, &format!("pid {pid}"));
+        self.tasks.insert(key, running);
+    }
+
+    fn cancel(&mut self, key: &AttemptKey, why: CancelReason) {
+        let Some(running) = self.tasks.get_mut(key) else {
+            return;
+        };
+        let message = match why {
+            CancelReason::NotAssigned => "not assigned any more: stopping it",
+            CancelReason::Stopped => "job winding down: stopping it",
+            CancelReason::RegistrationLost => "registration lost: stopping it",
+            CancelReason::ShuttingDown => "shutting down: stopping it",
+        };
+        tracing::info!(
+            task_manager = %self.config.id, job_id = %key.job, vertex = %key.vertex,
+            subtask = key.subtask, attempt = key.attempt, "{message}"
+        );
+        running.cancel();
+    }
+
+    /// Feeds exits to the core until the teardown it is in (a lost registration, a
+    /// shutdown) completes, and returns what to do next.
+    async fn settle(
+        &mut self,
+        mut control: Control,
+        exits: &mut mpsc::UnboundedReceiver<Exit>,
+    ) -> Control {
+        while matches!(control, Control::Continue)
+            && matches!(self.core.phase(), Phase::Resetting | Phase::ShuttingDown)
+        {
+            control = match exits.recv().await {
+                Some(exit) => self.step(Event::Exited {
+                    key: exit.key,
+                    outcome: exit.outcome,
+                }),
+                // Unreachable while `exits_tx` lives; without it no exit could come, so
+                // the attempts count as gone rather than leaving the agent waiting.
+                None => {
+                    let keys: Vec<AttemptKey> = self.core.running().cloned().collect();
+                    let mut last = Control::Continue;
+                    for key in keys {
+                        let outcome = Outcome::Canceled;
+                        last = self.step(Event::Exited { key, outcome });
+                    }
+                    last
+                }
+            };
+        }
+        control
+    }
+
+    async fn register(&mut self) -> Control {
         loop {
             let req = pb::RegisterRequest {
                 task_manager_id: self.config.id.clone(),
@@ -220,217 +320,75 @@ impl Agent {
             };
             match self.client.register_task_manager(req).await {
                 Ok(resp) => {
-                    self.heartbeat = Duration::from_millis(resp.heartbeat_interval_ms.max(50));
-                    tracing::info!(instance = %self.instance, heartbeat = ?self.heartbeat, "registered");
-                    self.reconcile(resp.assignments);
-                    return;
+                    self.heartbeat = interval(resp.heartbeat_interval_ms);
+                    tracing::info!(
+                        task_manager = %self.config.id, instance = %self.instance,
+                        heartbeat = ?self.heartbeat, "registered"
+                    );
+                    return self.step(Event::Registered {
+                        assignments: resp.assignments,
+                    });
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot register yet; retrying");
+                    tracing::warn!(task_manager = %self.config.id, error = %e, "cannot register yet; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
         }
     }
 
-    /// Stops attempts whose job is winding down; reports the ones never started as
-    /// CANCELED so that their slots are freed.
-    fn stop(&mut self, stop: Vec<pb::TaskAssignment>) {
-        for a in stop {
-            let key = AttemptKey::of(&a);
-            match self.running.get_mut(&key) {
-                Some(r) if !r.running.cancelling() => {
-                    tracing::info!(attempt = ?key, "job winding down: stopping it");
-                    r.running.cancel();
-                }
-                Some(_) => {}
-                None if !self.done.contains(&key) => {
-                    self.report(
-                        &key,
-                        pb::TaskState::Canceled,
-                        None,
-                        "stopped before it started".into(),
-                    );
-                    self.done.insert(key);
-                }
-                None => {}
-            }
-        }
-    }
-
-    /// Makes what runs here equal to what the leader assigns.
-    fn reconcile(&mut self, assignments: Vec<pb::TaskAssignment>) {
-        let mut desired: BTreeMap<AttemptKey, pb::TaskAssignment> = BTreeMap::new();
-        for a in assignments {
-            let key = AttemptKey::of(&a);
-            desired.insert(key, a);
-        }
-        let unwanted: Vec<AttemptKey> = self
-            .running
-            .keys()
-            .filter(|k| !desired.contains_key(*k))
-            .cloned()
-            .collect();
-        for key in unwanted {
-            if let Some(a) = self.running.get_mut(&key) {
-                if !a.running.cancelling() {
-                    tracing::info!(attempt = ?key, "not assigned any more: stopping it");
-                    a.running.cancel();
-                }
-            }
-        }
-        for (key, a) in desired {
-            if self.running.contains_key(&key) || self.done.contains(&key) {
-                continue;
-            }
-            let work = match a.task.and_then(|t| t.kind) {
-                Some(pb::task::Kind::Command(c)) => Work::Command {
-                    argv: c.argv,
-                    env: c.env,
-                },
-                Some(pb::task::Kind::Sleep(s)) => Work::Sleep(Duration::from_millis(s.duration_ms)),
-                Some(pb::task::Kind::Fail(f)) => {
-                    Work::Fail(Duration::from_millis(f.after_ms), f.exit_code)
-                }
-                None => {
-                    self.report(
-                        &key,
-                        pb::TaskState::Failed,
-                        None,
-                        "assignment without a task".into(),
-                    );
-                    self.done.insert(key);
-                    continue;
-                }
-            };
-            self.report(&key, pb::TaskState::Deploying, None, String::new());
-            let task_dir = self.config.work_dir.join("tasks").join(key.file_name());
-            let env = BTreeMap::from([
-                ("DISPATCHER_JOB_ID".to_string(), key.job.clone()),
-                ("DISPATCHER_VERTEX".to_string(), key.vertex.clone()),
-                ("DISPATCHER_SUBTASK".to_string(), key.subtask.to_string()),
-                ("DISPATCHER_ATTEMPT".to_string(), key.attempt.to_string()),
-                ("DISPATCHER_SLOT".to_string(), a.slot.to_string()),
-                (
-                    "DISPATCHER_TASK_MANAGER".to_string(),
-                    self.config.id.clone(),
-                ),
-            ]);
-            let running = runner::start(
-                key.clone(),
-                work,
-                task_dir,
-                &self.pid_dir(),
-                env,
-                self.config.kill_grace,
-                self.exits_tx.clone(),
-            );
-            let pid = running
-                .pid
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| "builtin".into());
-            tracing::info!(attempt = ?key, slot = a.slot, pid = %pid, "started");
-            self.record("start", &key, a.slot, &format!("pid {pid}"));
-            self.report(&key, pb::TaskState::Running, None, String::new());
-            self.running.insert(
-                key,
-                Attempt {
-                    running,
-                    slot: a.slot,
-                },
-            );
-        }
-    }
-
-    fn on_exit(&mut self, exit: Exit) {
-        let Some(a) = self.running.remove(&exit.key) else {
-            return;
-        };
-        let (state, code, reason) = match &exit.outcome {
-            Outcome::Finished => (pb::TaskState::Finished, Some(0), String::new()),
-            Outcome::Failed { exit_code, reason } => {
-                (pb::TaskState::Failed, *exit_code, reason.clone())
-            }
-            Outcome::Canceled => (
-                pb::TaskState::Canceled,
-                None,
-                "canceled by the TaskManager on the leader's request".into(),
-            ),
-        };
-        tracing::info!(attempt = ?exit.key, outcome = ?exit.outcome, "ended");
-        self.record("stop", &exit.key, a.slot, &format!("{:?}", exit.outcome));
-        self.report(&exit.key, state, code, reason);
-        self.done.insert(exit.key);
-    }
-
-    /// Kills everything at once (the registration is gone) and forgets pending reports,
-    /// which the state would ignore anyway.
-    async fn kill_all(&mut self, exits: &mut mpsc::UnboundedReceiver<Exit>) {
-        for a in self.running.values_mut() {
-            a.running.cancel();
-        }
-        while !self.running.is_empty() {
-            match exits.recv().await {
-                Some(exit) => self.on_exit(exit),
-                None => break,
-            }
-        }
-        self.pending.clear();
-    }
-
-    /// Sends the pending reports without acting on the answer (on the way out).
-    async fn flush_reports(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
+    /// One heartbeat: carries the pending reports, reconciles with the answer. When this
+    /// instance is no longer registered, returns only once everything was killed.
+    async fn heartbeat(&mut self, exits: &mut mpsc::UnboundedReceiver<Exit>) -> Control {
+        let updates = self.core.pending().to_vec();
+        let acked = updates.len();
         let req = pb::HeartbeatRequest {
             task_manager_id: self.config.id.clone(),
             instance_id: self.instance.clone(),
-            updates: std::mem::take(&mut self.pending),
-        };
-        if let Err(e) = self.client.heartbeat(req).await {
-            tracing::warn!(error = %e, "could not send the last reports");
-        }
-    }
-
-    /// One heartbeat: sends pending reports, reconciles with the answer. Returns false
-    /// when this instance is no longer registered (everything was killed): the caller
-    /// registers afresh.
-    async fn heartbeat(&mut self, exits: &mut mpsc::UnboundedReceiver<Exit>) -> bool {
-        let sent = self.pending.len();
-        let req = pb::HeartbeatRequest {
-            task_manager_id: self.config.id.clone(),
-            instance_id: self.instance.clone(),
-            updates: self.pending.clone(),
+            updates,
         };
         match self.client.heartbeat(req).await {
             Ok(resp) if resp.registered => {
-                self.pending.drain(..sent);
-                self.heartbeat = Duration::from_millis(resp.heartbeat_interval_ms.max(50));
-                let assigned: BTreeSet<AttemptKey> =
-                    resp.assignments.iter().map(AttemptKey::of).collect();
-                // Ended attempts can be forgotten once their report was acknowledged and
-                // the leader stopped assigning them.
-                let stopping: BTreeSet<AttemptKey> = resp.stop.iter().map(AttemptKey::of).collect();
-                if self.pending.is_empty() {
-                    self.done
-                        .retain(|k| assigned.contains(k) || stopping.contains(k));
-                }
-                self.stop(resp.stop);
-                self.reconcile(resp.assignments);
+                self.heartbeat = interval(resp.heartbeat_interval_ms);
+                self.step(Event::Heartbeat {
+                    acked,
+                    assignments: resp.assignments,
+                    stop: resp.stop,
+                })
             }
             Ok(_) => {
-                tracing::warn!(instance = %self.instance, "the leader does not know this instance (lease expired?): killing all tasks and registering afresh");
-                self.kill_all(exits).await;
-                self.done.clear();
-                self.instance = uuid::Uuid::new_v4().to_string();
-                return false;
+                tracing::warn!(task_manager = %self.config.id, instance = %self.instance, "the leader does not know this instance (lease expired?): killing all tasks and registering afresh");
+                let control = self.step(Event::NotRegistered);
+                self.settle(control, exits).await
             }
             Err(e) => {
-                tracing::warn!(error = %e, pending = self.pending.len(), "heartbeat failed; tasks keep running")
+                tracing::warn!(task_manager = %self.config.id, error = %e, pending = acked, "heartbeat failed; tasks keep running");
+                self.step(Event::HeartbeatFailed)
             }
         }
-        true
+    }
+
+    /// Reports how the attempts ended (a task that FINISHED just before the signal must
+    /// not be failed by the unregistration), then unregisters: the attempts that were
+    /// still running fail, so their jobs restart elsewhere.
+    async fn unregister(&mut self, reports: Vec<pb::TaskStatusUpdate>) {
+        if !reports.is_empty() {
+            let req = pb::HeartbeatRequest {
+                task_manager_id: self.config.id.clone(),
+                instance_id: self.instance.clone(),
+                updates: reports,
+            };
+            if let Err(e) = self.client.heartbeat(req).await {
+                tracing::warn!(task_manager = %self.config.id, error = %e, "could not send the last reports");
+            }
+        }
+        let _ = self
+            .client
+            .unregister_task_manager(pb::UnregisterRequest {
+                task_manager_id: self.config.id.clone(),
+                instance_id: self.instance.clone(),
+            })
+            .await;
     }
 }
 
@@ -445,7 +403,7 @@ pub async fn run(
     std::fs::create_dir_all(&pid_dir).map_err(work_err(pid_dir.clone()))?;
     let killed = runner::kill_orphans(&pid_dir);
     if killed > 0 {
-        tracing::warn!(killed, "killed orphaned task processes of a previous run");
+        tracing::warn!(task_manager = %config.id, killed, "killed orphaned task processes of a previous run");
     }
     let history_path = config.work_dir.join("attempts.jsonl");
     let history = std::fs::OpenOptions::new()
@@ -461,59 +419,54 @@ pub async fn run(
     let mut agent = Agent {
         instance: uuid::Uuid::new_v4().to_string(),
         client,
-        running: BTreeMap::new(),
-        done: BTreeSet::new(),
-        pending: Vec::new(),
+        core: Reconciler::new(),
+        tasks: BTreeMap::new(),
         exits_tx,
         heartbeat: Duration::from_millis(500),
         history: Some(history),
         config,
     };
     tokio::pin!(shutdown);
-    tokio::select! {
-        _ = agent.register() => {}
+    let mut control = tokio::select! {
+        c = agent.register() => c,
         _ = &mut shutdown => return Ok(()),
-    }
+    };
     let mut next = tokio::time::Instant::now() + agent.heartbeat;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep_until(next) => {
-                if !agent.heartbeat(&mut exits).await {
-                    tokio::select! {
-                        _ = agent.register() => {}
-                        _ = &mut shutdown => break,
-                    }
-                }
+        match control {
+            Control::Continue => {}
+            Control::Reregister => {
+                agent.instance = uuid::Uuid::new_v4().to_string();
+                control = tokio::select! {
+                    c = agent.register() => c,
+                    _ = &mut shutdown => break,
+                };
                 next = tokio::time::Instant::now() + agent.heartbeat;
+                continue;
+            }
+            Control::Unregister(reports) => {
+                agent.unregister(reports).await;
+                return Ok(());
+            }
+        }
+        control = tokio::select! {
+            _ = tokio::time::sleep_until(next) => {
+                let c = agent.heartbeat(&mut exits).await;
+                next = tokio::time::Instant::now() + agent.heartbeat;
+                c
             }
             Some(exit) = exits.recv() => {
-                agent.on_exit(exit);
                 // Report an ended attempt promptly rather than at the next tick.
                 next = next.min(tokio::time::Instant::now() + Duration::from_millis(20));
+                agent.step(Event::Exited { key: exit.key, outcome: exit.outcome })
             }
             _ = &mut shutdown => break,
-        }
+        };
     }
-    tracing::info!("shutting down: stopping tasks");
-    for a in agent.running.values_mut() {
-        a.running.cancel();
+    tracing::info!(task_manager = %agent.config.id, "shutting down: stopping tasks");
+    let control = agent.step(Event::Shutdown);
+    if let Control::Unregister(reports) = agent.settle(control, &mut exits).await {
+        agent.unregister(reports).await;
     }
-    while !agent.running.is_empty() {
-        match exits.recv().await {
-            Some(exit) => agent.on_exit(exit),
-            None => break,
-        }
-    }
-    // Report how the attempts ended (a task that FINISHED just before the signal must
-    // not be failed by the unregistration), then unregister: the attempts that were
-    // still running fail, so their jobs restart elsewhere.
-    agent.flush_reports().await;
-    let _ = agent
-        .client
-        .unregister_task_manager(pb::UnregisterRequest {
-            task_manager_id: agent.config.id.clone(),
-            instance_id: agent.instance.clone(),
-        })
-        .await;
     Ok(())
 }
