@@ -33,16 +33,8 @@ const SPEC: &str = "name = \"cli-test\"\n[[vertices]]\nname = \"a\"\nparallelism
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_through_a_follower_then_list_status_and_cancel_on_every_replica() {
-    let c = ProcCluster::start(3);
-    let client = c.client();
-    let leader = c.leader(&client, T, "startup").await;
-    let follower = c
-        .procs
-        .values()
-        .find(|p| p.id != leader)
-        .expect("a follower")
-        .addr
-        .clone();
+    let (c, _, leader) = ProcCluster::start_elected(3, T).await;
+    let follower = c.follower_addr(leader);
     let spec = write_spec(c.dir.path(), "job.toml", SPEC);
 
     let (code, out, err) = ctl(&follower, &["job", "submit", &spec]);
@@ -97,9 +89,7 @@ async fn submit_through_a_follower_then_list_status_and_cancel_on_every_replica(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_submission_retried_three_times_is_one_job() {
-    let c = ProcCluster::start(3);
-    let client = c.client();
-    c.leader(&client, T, "startup").await;
+    let (c, client, _) = ProcCluster::start_elected(3, T).await;
     let spec = write_spec(c.dir.path(), "job.toml", SPEC);
     let id = new_job_id();
     let mut created = vec![];
@@ -136,9 +126,7 @@ async fn the_same_submission_retried_three_times_is_one_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_with_the_file_field_and_reason_and_changes_nothing() {
-    let c = ProcCluster::start(3);
-    let client = c.client();
-    c.leader(&client, T, "startup").await;
+    let (c, client, _) = ProcCluster::start_elected(3, T).await;
     let endpoints = c.endpoints().join(",");
 
     let syntax = write_spec(c.dir.path(), "syntax.toml", "name = \"x\"\nvertices = 3\n");
@@ -195,9 +183,7 @@ async fn bad_input_is_refused_with_the_file_field_and_reason_and_changes_nothing
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_changes_until_the_job_is_terminal() {
-    let c = ProcCluster::start(3);
-    let client = c.client();
-    c.leader(&client, T, "startup").await;
+    let (c, client, _) = ProcCluster::start_elected(3, T).await;
     let endpoints = c.endpoints().join(",");
     let spec = write_spec(c.dir.path(), "job.toml", SPEC);
     let (code, out, _) = ctl(&endpoints, &["job", "submit", &spec]);

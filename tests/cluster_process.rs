@@ -4,18 +4,27 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dispatcher_client::new_job_id;
+use dispatcher_client::{new_job_id, Client};
 use dispatcher_testkit::cluster::dispatcher_bin;
+use dispatcher_testkit::signal::kill_child;
 use dispatcher_testkit::spec::sleep_job;
-use dispatcher_testkit::ProcCluster;
+use dispatcher_testkit::{wait_blocking, ProcCluster};
 
 const T: Duration = Duration::from_secs(30);
 
+/// Submits `n` one-task sleep jobs `j0`, `j1`, ... and returns their ids.
+async fn submit_sleep_jobs(client: &Client, n: usize) -> Vec<String> {
+    let mut ids = vec![];
+    for i in 0..n {
+        let job = sleep_job(&format!("j{i}"), 1);
+        ids.push(client.submit_job(None, job).await.expect("submit").job_id);
+    }
+    ids
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_elects_another_and_the_old_one_rejoins() {
-    let mut c = ProcCluster::start(3);
-    let client = c.client();
-    let first = c.leader(&client, T, "startup").await;
+    let (mut c, client, first) = ProcCluster::start_elected(3, T).await;
     let before = client
         .submit_job(None, sleep_job("before", 1))
         .await
@@ -47,9 +56,7 @@ async fn kill_9_of_the_leader_elects_another_and_the_old_one_rejoins() {
 /// the middle of a stream of writes is present afterwards, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_mid_stream_loses_no_acknowledged_write() {
-    let mut c = ProcCluster::start(3);
-    let client = c.client();
-    let leader = c.leader(&client, T, "startup").await;
+    let (mut c, client, leader) = ProcCluster::start_elected(3, T).await;
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
@@ -102,7 +109,7 @@ async fn a_replica_killed_mid_stream_loses_no_acknowledged_write() {
     }
     // Every replica, read locally, has every acknowledged job.
     for p in c.procs.values() {
-        let one = dispatcher_client::Client::connect(&[&p.addr]).expect("client");
+        let one = Client::connect(&[&p.addr]).expect("client");
         for id in acked.iter().step_by(7) {
             one.get_job(id, true)
                 .await
@@ -113,19 +120,8 @@ async fn a_replica_killed_mid_stream_loses_no_acknowledged_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_cluster_restart_keeps_every_job() {
-    let mut c = ProcCluster::start(3);
-    let client = c.client();
-    c.leader(&client, T, "startup").await;
-    let mut ids = vec![];
-    for i in 0..10 {
-        ids.push(
-            client
-                .submit_job(None, sleep_job(&format!("j{i}"), 1))
-                .await
-                .expect("submit")
-                .job_id,
-        );
-    }
+    let (mut c, client, _) = ProcCluster::start_elected(3, T).await;
+    let ids = submit_sleep_jobs(&client, 10).await;
     for id in 1..=3 {
         c.kill(id);
     }
@@ -212,19 +208,13 @@ fn a_data_directory_of_another_cluster_or_replica_is_refused() {
         .spawn()
         .expect("spawn");
     // Wait until the replica has started on its new directory, then stop it.
-    let deadline = std::time::Instant::now() + T;
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("replica started")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the replica never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    let started = wait_blocking(T, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("replica started")
+    });
+    assert!(started, "the replica never started");
+    kill_child(&mut child);
 
     let out = run_dispatcher(&[
         "--id",
@@ -261,28 +251,11 @@ async fn a_backup_restores_into_a_new_cluster() {
     let a = ProcCluster::start(3);
     let client = a.client();
     a.leader(&client, T, "cluster a").await;
-    let mut ids = vec![];
-    for i in 0..5 {
-        ids.push(
-            client
-                .submit_job(None, sleep_job(&format!("j{i}"), 1))
-                .await
-                .expect("submit")
-                .job_id,
-        );
-    }
+    let ids = submit_sleep_jobs(&client, 5).await;
     client.cancel_job(&ids[0]).await.expect("cancel");
     let keep = tempfile::tempdir().expect("tempdir");
     let backup_file = keep.path().join("backup.bin");
-    let follower = {
-        let leader = a.leader(&client, T, "before the backup").await;
-        a.procs
-            .values()
-            .find(|p| p.id != leader)
-            .expect("follower")
-            .addr
-            .clone()
-    };
+    let follower = a.follower_addr(a.leader(&client, T, "before the backup").await);
     let out = std::process::Command::new(dispatcher_testkit::bin("dispatchctl"))
         .args(["--endpoints", &follower, "cluster", "snapshot", "save"])
         .arg(&backup_file)

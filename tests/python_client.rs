@@ -15,17 +15,9 @@ async fn a_python_grpc_client_submits_lists_checks_health_and_reflects() {
         std::path::Path::new(&python).exists(),
         "no Python with grpcio at {python}: run `make python-deps` (or `make test`, which does)"
     );
-    let c = ProcCluster::start(3);
-    let client = c.client();
-    let leader = c.leader(&client, Duration::from_secs(30), "startup").await;
+    let (c, _, leader) = ProcCluster::start_elected(3, Duration::from_secs(30)).await;
     // Through a follower: the write is forwarded to the leader.
-    let follower = c
-        .procs
-        .values()
-        .find(|p| p.id != leader)
-        .expect("follower")
-        .addr
-        .clone();
+    let follower = c.follower_addr(leader);
     let out = tokio::process::Command::new(&python)
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),

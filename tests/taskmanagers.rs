@@ -8,37 +8,10 @@ use std::time::{Duration, Instant};
 use dispatcher_client::Client;
 use dispatcher_proto::v1 as pb;
 use dispatcher_testkit::signal::alive;
+use dispatcher_testkit::spec::{shell, sleep, JobBuilder};
 use dispatcher_testkit::{wait_for, ProcCluster};
 
 const T: Duration = Duration::from_secs(40);
-
-fn vertex(name: &str, parallelism: u32, kind: pb::task::Kind) -> pb::Vertex {
-    pb::Vertex {
-        name: name.into(),
-        parallelism,
-        task: Some(pb::Task { kind: Some(kind) }),
-        node_selector: Default::default(),
-    }
-}
-
-fn sleep(ms: u64) -> pb::task::Kind {
-    pb::task::Kind::Sleep(pb::SleepTask { duration_ms: ms })
-}
-
-fn shell(script: &str) -> pb::task::Kind {
-    pb::task::Kind::Command(pb::CommandTask {
-        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        env: Default::default(),
-    })
-}
-
-fn fixed_delay(attempts: u32, delay_ms: u64) -> Option<pb::RestartStrategy> {
-    Some(pb::RestartStrategy {
-        kind: Some(pb::restart_strategy::Kind::FixedDelay(
-            pb::FixedDelayRestart { attempts, delay_ms },
-        )),
-    })
-}
 
 async fn job_where(
     client: &Client,
@@ -66,9 +39,7 @@ fn all_running(job: &pb::JobStatus) -> bool {
 }
 
 async fn cluster_with_tms(tms: &[(&str, u32)]) -> (ProcCluster, Client) {
-    let mut c = ProcCluster::start(3);
-    let client = c.client();
-    c.leader(&client, T, "startup").await;
+    let (mut c, client, _) = ProcCluster::start_elected(3, T).await;
     for (id, slots) in tms {
         c.start_tm(id, *slots, &[]);
     }
@@ -83,18 +54,11 @@ async fn cluster_with_tms(tms: &[(&str, u32)]) -> (ProcCluster, Client) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_two_vertex_job_runs_to_finished_across_two_task_managers() {
     let (c, client) = cluster_with_tms(&[("tm-1", 2), ("tm-2", 2)]).await;
-    let spec = pb::JobSpec {
-        name: "pipeline".into(),
-        vertices: vec![
-            vertex("produce", 2, shell("echo produced > out.txt; sleep 1")),
-            vertex("consume", 2, sleep(1500)),
-        ],
-        edges: vec![pb::Edge {
-            from: "produce".into(),
-            to: "consume".into(),
-        }],
-        ..Default::default()
-    };
+    let spec = JobBuilder::new("pipeline")
+        .vertex("produce", 2, shell("echo produced > out.txt; sleep 1"))
+        .vertex("consume", 2, sleep(1500))
+        .edge("produce", "consume")
+        .build();
     let id = client.submit_job(None, spec).await.expect("submit").job_id;
     let done = job_where(&client, &id, "the job finishes", |j| {
         state_is(j, pb::JobState::Finished)
@@ -129,12 +93,10 @@ async fn a_two_vertex_job_runs_to_finished_across_two_task_managers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_task_is_retried_per_its_strategy_then_the_job_fails() {
     let (_c, client) = cluster_with_tms(&[("tm-1", 2)]).await;
-    let spec = pb::JobSpec {
-        name: "flaky".into(),
-        vertices: vec![vertex("fails", 1, shell("sleep 0.2; exit 7"))],
-        restart_strategy: fixed_delay(2, 200),
-        ..Default::default()
-    };
+    let spec = JobBuilder::new("flaky")
+        .vertex("fails", 1, shell("sleep 0.2; exit 7"))
+        .fixed_delay_restarts(2, 200)
+        .build();
     let id = client.submit_job(None, spec).await.expect("submit").job_id;
     let failed = job_where(&client, &id, "the job fails", |j| {
         state_is(j, pb::JobState::Failed)
@@ -156,11 +118,9 @@ async fn a_failing_task_is_retried_per_its_strategy_then_the_job_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_kills_the_processes() {
     let (c, client) = cluster_with_tms(&[("tm-1", 2)]).await;
-    let spec = pb::JobSpec {
-        name: "long".into(),
-        vertices: vec![vertex("long", 2, shell("sleep 600"))],
-        ..Default::default()
-    };
+    let spec = JobBuilder::new("long")
+        .vertex("long", 2, shell("sleep 600"))
+        .build();
     let id = client.submit_job(None, spec).await.expect("submit").job_id;
     job_where(&client, &id, "tasks running", all_running).await;
     let pids: Vec<u32> = c
@@ -187,13 +147,11 @@ async fn cancel_kills_the_processes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_task_manager_moves_its_tasks_to_the_other() {
     let (mut c, client) = cluster_with_tms(&[("tm-1", 2), ("tm-2", 2)]).await;
-    let spec = pb::JobSpec {
-        name: "movable".into(),
-        vertices: vec![vertex("work", 2, sleep(600_000))],
-        restart_strategy: fixed_delay(3, 100),
-        placement_strategy: pb::PlacementStrategy::BinPack as i32,
-        ..Default::default()
-    };
+    let spec = JobBuilder::new("movable")
+        .vertex("work", 2, sleep(600_000))
+        .fixed_delay_restarts(3, 100)
+        .placement(pb::PlacementStrategy::BinPack)
+        .build();
     let id = client.submit_job(None, spec).await.expect("submit").job_id;
     let running = job_where(&client, &id, "tasks running", all_running).await;
     let victim = running.tasks[0].task_manager_id.clone();
@@ -219,11 +177,9 @@ async fn kill_9_of_a_task_manager_moves_its_tasks_to_the_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_changes_no_attempt_and_no_process() {
     let (mut c, client) = cluster_with_tms(&[("tm-1", 2), ("tm-2", 2)]).await;
-    let spec = pb::JobSpec {
-        name: "steady".into(),
-        vertices: vec![vertex("long", 4, shell("sleep 600"))],
-        ..Default::default()
-    };
+    let spec = JobBuilder::new("steady")
+        .vertex("long", 4, shell("sleep 600"))
+        .build();
     let id = client.submit_job(None, spec).await.expect("submit").job_id;
     job_where(&client, &id, "tasks running", all_running).await;
     let before: Vec<_> = ["tm-1", "tm-2"]
@@ -262,12 +218,10 @@ async fn kill_9_of_the_leader_changes_no_attempt_and_no_process() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_task_manager_that_comes_back_stops_its_stale_attempts() {
     let (c, client) = cluster_with_tms(&[("tm-1", 2), ("tm-2", 2)]).await;
-    let spec = pb::JobSpec {
-        name: "blip".into(),
-        vertices: vec![vertex("work", 1, shell("sleep 600"))],
-        restart_strategy: fixed_delay(3, 100),
-        ..Default::default()
-    };
+    let spec = JobBuilder::new("blip")
+        .vertex("work", 1, shell("sleep 600"))
+        .fixed_delay_restarts(3, 100)
+        .build();
     let id = client.submit_job(None, spec).await.expect("submit").job_id;
     let running = job_where(&client, &id, "the task runs", all_running).await;
     let frozen = running.tasks[0].task_manager_id.clone();
@@ -306,11 +260,9 @@ async fn an_expired_task_manager_that_comes_back_stops_its_stale_attempts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_too_big_waits_and_starts_when_a_task_manager_joins() {
     let (mut c, client) = cluster_with_tms(&[("tm-1", 2)]).await;
-    let spec = pb::JobSpec {
-        name: "big".into(),
-        vertices: vec![vertex("wide", 3, sleep(600_000))],
-        ..Default::default()
-    };
+    let spec = JobBuilder::new("big")
+        .vertex("wide", 3, sleep(600_000))
+        .build();
     let id = client.submit_job(None, spec).await.expect("submit").job_id;
     let waiting = client.get_job(&id, false).await.expect("job");
     assert!(
@@ -329,15 +281,13 @@ async fn a_job_too_big_waits_and_starts_when_a_task_manager_joins() {
 async fn a_job_failing_before_its_siblings_start_still_ends() {
     let (_c, client) = cluster_with_tms(&[("tm-1", 2), ("tm-2", 2)]).await;
     for round in 0..3 {
-        let spec = pb::JobSpec {
-            name: format!("fail-fast-{round}"),
-            vertices: vec![vertex(
+        let spec = JobBuilder::new(&format!("fail-fast-{round}"))
+            .vertex(
                 "v",
                 4,
                 shell("if [ \"$DISPATCHER_SUBTASK\" = 0 ]; then exit 3; fi; sleep 600"),
-            )],
-            ..Default::default()
-        };
+            )
+            .build();
         let id = client.submit_job(None, spec).await.expect("submit").job_id;
         let failed = job_where(&client, &id, "the job fails and every sibling stops", |j| {
             state_is(j, pb::JobState::Failed)

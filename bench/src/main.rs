@@ -33,7 +33,8 @@ struct Cli {
     /// Where clusters keep their data and logs (emptied first).
     #[arg(long, default_value = "target/bench-work", global = true)]
     work_dir: PathBuf,
-    /// Where the `dispatcher` binary is (default: next to this one).
+    /// Where the `dispatcher` binary is (default: `DISPATCHER_BIN_DIR`, else next to
+    /// this one).
     #[arg(long, global = true)]
     bin_dir: Option<PathBuf>,
     #[command(subcommand)]
@@ -113,13 +114,11 @@ enum Cmd {
     },
 }
 
+/// `--bin-dir`, else [`dispatcher_testkit::bin_dir`] (next to this executable).
 fn bin_dir(cli: &Cli) -> PathBuf {
-    cli.bin_dir.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_path_buf))
-            .unwrap_or_else(|| PathBuf::from("target/release"))
-    })
+    cli.bin_dir
+        .clone()
+        .unwrap_or_else(dispatcher_testkit::bin_dir)
 }
 
 /// A fresh work directory for one system, after killing what an earlier run left.

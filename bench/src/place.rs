@@ -18,10 +18,11 @@ use anyhow::Context as _;
 use comfy_table::Table;
 use dispatcher_client::{Client, ClientConfig};
 use dispatcher_proto::v1 as pb;
+use dispatcher_testkit::spec::{self, JobBuilder};
 use serde::Serialize;
 
 use crate::procs::Node;
-use crate::stats::{median, progress};
+use crate::stats::{figures, median, progress};
 use crate::systems::dispatcher::Dispatcher;
 use crate::systems::System;
 use crate::workload::TrialObserver;
@@ -240,20 +241,9 @@ async fn heartbeat_loop(
 
 /// A job of `tasks` long-running tasks (never run by simulated TaskManagers).
 pub fn job(name: &str, tasks: u32) -> pb::JobSpec {
-    pb::JobSpec {
-        name: name.into(),
-        vertices: vec![pb::Vertex {
-            name: "work".into(),
-            parallelism: tasks,
-            task: Some(pb::Task {
-                kind: Some(pb::task::Kind::Sleep(pb::SleepTask {
-                    duration_ms: 86_400_000,
-                })),
-            }),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    JobBuilder::new(name)
+        .vertex("work", tasks, spec::sleep(86_400_000))
+        .build()
 }
 
 /// Flags of `dispatch-bench place`.
@@ -300,40 +290,39 @@ pub struct PlaceResult {
 impl PlaceResult {
     /// The human table.
     pub fn table(&self) -> Table {
-        let mut t = Table::new();
-        t.set_header(["figure", "value"]);
-        t.add_row([
-            "TaskManagers x slots".to_string(),
-            format!("{} x {}", self.task_managers, self.slots),
-        ]);
-        t.add_row([
-            "jobs x tasks".to_string(),
-            format!("{} ({} tasks)", self.jobs, self.tasks),
-        ]);
-        t.add_row([
-            "register all TaskManagers".to_string(),
-            format!("{:.2} s", self.register_seconds),
-        ]);
-        t.add_row([
-            "submit -> every task placed".to_string(),
-            format!("{:.2} s", self.placed_seconds),
-        ]);
-        t.add_row([
-            "submit -> every task RUNNING".to_string(),
-            format!("{:.2} s", self.running_seconds),
-        ]);
-        t.add_row([
-            format!("list {} jobs (one replica)", self.jobs),
-            format!("{:.2} ms", self.list_all_ms),
-        ]);
-        t.add_row([
-            "leader RSS before -> after".to_string(),
-            format!(
-                "{:.0} MiB -> {:.0} MiB",
-                self.leader_rss_before_mib, self.leader_rss_after_mib
+        figures([
+            (
+                "TaskManagers x slots".to_string(),
+                format!("{} x {}", self.task_managers, self.slots),
             ),
-        ]);
-        t
+            (
+                "jobs x tasks".to_string(),
+                format!("{} ({} tasks)", self.jobs, self.tasks),
+            ),
+            (
+                "register all TaskManagers".to_string(),
+                format!("{:.2} s", self.register_seconds),
+            ),
+            (
+                "submit -> every task placed".to_string(),
+                format!("{:.2} s", self.placed_seconds),
+            ),
+            (
+                "submit -> every task RUNNING".to_string(),
+                format!("{:.2} s", self.running_seconds),
+            ),
+            (
+                format!("list {} jobs (one replica)", self.jobs),
+                format!("{:.2} ms", self.list_all_ms),
+            ),
+            (
+                "leader RSS before -> after".to_string(),
+                format!(
+                    "{:.0} MiB -> {:.0} MiB",
+                    self.leader_rss_before_mib, self.leader_rss_after_mib
+                ),
+            ),
+        ])
     }
 }
 

@@ -2,17 +2,15 @@
 //! ZooKeeper servers. It owns their lifecycle (spawn, kill -9, pause, resume, restart) and
 //! records every pid it starts in `pids` under the work directory, so that nothing it
 //! launched outlives it: dropping a [`Node`] kills its process, and `cleanup` kills what
-//! a crashed earlier run left behind. Signals go through kill(2) to one pid, never
-//! through the `kill` program (procps-ng 4.0.2 turns some arguments into kill(-1)).
+//! a crashed earlier run left behind. Every signal goes through
+//! [`dispatcher_testkit::signal`].
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::Context;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use dispatcher_testkit::signal::{self, Signal};
 
 /// One server process and how to start it again.
 pub struct Node {
@@ -80,31 +78,25 @@ impl Node {
         self.child.is_some()
     }
 
-    fn signal(&self, sig: Signal) {
-        if let Some(pid) = self.pid().and_then(|p| i32::try_from(p).ok()) {
-            if pid > 1 {
-                let _ = kill(Pid::from_raw(pid), sig);
-            }
-        }
-    }
-
     /// `kill -9`, and reaps it.
     pub fn kill9(&mut self) {
-        self.signal(Signal::SIGCONT);
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            signal::kill_child(&mut c);
         }
     }
 
     /// SIGSTOP: a hung host.
     pub fn pause(&self) {
-        self.signal(Signal::SIGSTOP);
+        if let Some(pid) = self.pid() {
+            signal::send(pid, Signal::SIGSTOP);
+        }
     }
 
     /// SIGCONT.
     pub fn resume(&self) {
-        self.signal(Signal::SIGCONT);
+        if let Some(pid) = self.pid() {
+            signal::send(pid, Signal::SIGCONT);
+        }
     }
 
     /// Resident memory in KiB, from `/proc/PID/status`.
@@ -135,26 +127,21 @@ pub fn cleanup(work: &Path) {
         let (Some(pid), Some(program)) = (parts.next(), parts.next()) else {
             continue;
         };
-        let Ok(pid) = pid.parse::<i32>() else {
+        let Ok(pid) = pid.parse::<u32>() else {
             continue;
         };
+        // The pid may have been recycled since that run: only a process that still runs
+        // the recorded program is ours.
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
         let same = Path::new(program)
             .canonicalize()
             .map(|p| p == exe)
             .unwrap_or(false);
-        if pid > 1 && same {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        if same {
+            signal::send(pid, Signal::SIGKILL);
         }
     }
     let _ = std::fs::remove_file(file);
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("cannot bind a free port")?;
-    Ok(l.local_addr()?.port())
 }
 
 /// Where a program is: `dir/name` if `dir` is given, else the first match on PATH.

@@ -13,7 +13,7 @@ use dispatcher_client::Client;
 use dispatcher_proto::v1 as pb;
 use serde::Serialize;
 
-use crate::stats::progress;
+use crate::stats::{figures, progress};
 use crate::systems::dispatcher::{job_spec, Dispatcher};
 use crate::systems::System;
 
@@ -50,32 +50,31 @@ pub struct RecoverResult {
 impl RecoverResult {
     /// The human table.
     pub fn table(&self) -> Table {
-        let mut t = Table::new();
-        t.set_header(["figure", "value"]);
-        t.add_row([
-            "state".to_string(),
-            format!(
-                "{} jobs, {:.0} MiB per replica on disk",
-                self.jobs, self.data_dir_mib
+        figures([
+            (
+                "state".to_string(),
+                format!(
+                    "{} jobs, {:.0} MiB per replica on disk",
+                    self.jobs, self.data_dir_mib
+                ),
             ),
-        ]);
-        t.add_row([
-            "follower kill -9 -> caught up and reading".to_string(),
-            format!("{:.0} ms", self.follower_restart_ms),
-        ]);
-        t.add_row([
-            "all replicas kill -9 -> linearizable read".to_string(),
-            format!("{:.0} ms", self.full_restart_ms),
-        ]);
-        t.add_row([
-            "list 10,000 jobs through one replica".to_string(),
-            format!("{:.1} ms", self.list_10k_ms),
-        ]);
-        t.add_row([
-            format!("list all {} jobs through one replica", self.jobs),
-            format!("{:.1} ms", self.list_all_ms),
-        ]);
-        t
+            (
+                "follower kill -9 -> caught up and reading".to_string(),
+                format!("{:.0} ms", self.follower_restart_ms),
+            ),
+            (
+                "all replicas kill -9 -> linearizable read".to_string(),
+                format!("{:.0} ms", self.full_restart_ms),
+            ),
+            (
+                "list 10,000 jobs through one replica".to_string(),
+                format!("{:.1} ms", self.list_10k_ms),
+            ),
+            (
+                format!("list all {} jobs through one replica", self.jobs),
+                format!("{:.1} ms", self.list_all_ms),
+            ),
+        ])
     }
 }
 

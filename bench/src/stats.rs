@@ -1,7 +1,9 @@
-//! Latency samples, percentiles and medians, and the progress bar every workload shows.
+//! Latency samples, percentiles and medians, the progress bar every workload shows, and
+//! the figure/value table of the one-shot workloads (`place`, `recover`).
 
 use std::time::Duration;
 
+use comfy_table::Table;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -71,6 +73,16 @@ pub fn progress(len: u64, what: &str, quiet: bool) -> ProgressBar {
     );
     bar.set_message(what.to_string());
     bar
+}
+
+/// A two-column table of named figures, one row each.
+pub fn figures<const N: usize>(rows: [(String, String); N]) -> Table {
+    let mut t = Table::new();
+    t.set_header(["figure", "value"]);
+    for row in rows {
+        t.add_row([row.0, row.1]);
+    }
+    t
 }
 
 #[cfg(test)]

@@ -6,20 +6,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use nix::sys::signal::Signal;
-use nix::unistd::Pid;
+use dispatcher_testkit::signal::{self, Signal};
 
 use crate::proxy::{LinkMode, Proxy};
 
-/// Where the binaries are: `CHAOS_BIN_DIR`, else next to this executable.
+/// Where the binaries are: `CHAOS_BIN_DIR`, else [`dispatcher_testkit::bin_dir`].
 pub fn bin_dir() -> PathBuf {
-    if let Ok(d) = std::env::var("CHAOS_BIN_DIR") {
-        return PathBuf::from(d);
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| PathBuf::from("target/debug"))
+    std::env::var_os("CHAOS_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(dispatcher_testkit::bin_dir)
 }
 
 /// A process we started.
@@ -34,6 +29,18 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts `program` with `args` (kept for restarts), its stderr appended to `log`.
+    fn start(program: &Path, args: Vec<String>, log: PathBuf) -> anyhow::Result<Proc> {
+        let mut p = Proc {
+            args,
+            log,
+            child: None,
+            paused: false,
+        };
+        p.spawn(program)?;
+        Ok(p)
+    }
+
     fn spawn(&mut self, program: &Path) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -57,21 +64,15 @@ impl Proc {
         self.child.is_some()
     }
 
-    /// Sends a signal to this one process, by syscall: never through the `kill` program,
-    /// which in procps-ng 4.0.2 misreads some arguments and signals every process.
     fn signal(&self, sig: Signal) {
-        if let Some(pid) = self.child.as_ref().and_then(|c| i32::try_from(c.id()).ok()) {
-            if pid > 1 {
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
-            }
+        if let Some(c) = &self.child {
+            signal::send(c.id(), sig);
         }
     }
 
     fn kill(&mut self) {
-        self.signal(Signal::SIGCONT);
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            signal::kill_child(&mut c);
         }
         self.paused = false;
     }
@@ -91,16 +92,6 @@ pub struct Cluster {
     pub links: BTreeMap<(u64, u64), Proxy>,
 }
 
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let ls: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()?;
-    Ok(ls
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0))
-        .collect())
-}
-
 impl Cluster {
     /// Starts `replicas` replicas (behind link proxies) and `tms` TaskManagers.
     pub async fn start(
@@ -109,7 +100,7 @@ impl Cluster {
         tms: usize,
         seed: u64,
     ) -> anyhow::Result<Cluster> {
-        let ports = free_ports(replicas as usize)?;
+        let ports = dispatcher_testkit::free_ports(replicas as usize)?;
         let addrs: BTreeMap<u64, String> = (1..=replicas)
             .map(|id| (id, format!("127.0.0.1:{}", ports[(id - 1) as usize])))
             .collect();
@@ -152,13 +143,8 @@ impl Cluster {
                 "--peer-addresses".into(),
                 peers,
             ];
-            let mut p = Proc {
-                args,
-                log: dir.join(format!("replica-{id}.log")),
-                child: None,
-                paused: false,
-            };
-            p.spawn(&bin_dir().join("dispatcher"))?;
+            let log = dir.join(format!("replica-{id}.log"));
+            let p = Proc::start(&bin_dir().join("dispatcher"), args, log)?;
             c.replicas.insert(id, p);
         }
         let endpoints = addrs.values().cloned().collect::<Vec<_>>().join(",");
@@ -176,13 +162,8 @@ impl Cluster {
                 "--kill-grace-ms".into(),
                 "500".into(),
             ];
-            let mut p = Proc {
-                args,
-                log: dir.join(format!("{id}.log")),
-                child: None,
-                paused: false,
-            };
-            p.spawn(&bin_dir().join("taskmanager"))?;
+            let log = dir.join(format!("{id}.log"));
+            let p = Proc::start(&bin_dir().join("taskmanager"), args, log)?;
             c.task_managers.insert(id, p);
         }
         Ok(c)

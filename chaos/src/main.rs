@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use dispatcher_client::{Client, ClientConfig};
+use dispatcher_testkit::spec::{self, JobBuilder};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -219,20 +220,9 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
     match client
         .submit_job(
             None,
-            dispatcher_proto::v1::JobSpec {
-                name: "after-heal".into(),
-                vertices: vec![dispatcher_proto::v1::Vertex {
-                    name: "v".into(),
-                    parallelism: 1,
-                    task: Some(dispatcher_proto::v1::Task {
-                        kind: Some(dispatcher_proto::v1::task::Kind::Sleep(
-                            dispatcher_proto::v1::SleepTask { duration_ms: 10 },
-                        )),
-                    }),
-                    node_selector: Default::default(),
-                }],
-                ..Default::default()
-            },
+            JobBuilder::new("after-heal")
+                .vertex("v", 1, spec::sleep(10))
+                .build(),
         )
         .await
     {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use dispatcher_client::{Client, ClientConfig, ClientError};
 use dispatcher_proto::v1 as pb;
+use dispatcher_testkit::spec::{self, JobBuilder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -50,6 +51,13 @@ pub struct Op {
 /// The shared history.
 pub type History = Arc<Mutex<Vec<Op>>>;
 
+fn outcome_of<T>(r: &Result<T, ClientError>) -> Outcome {
+    match r {
+        Ok(_) => Outcome::Ok,
+        Err(e) => classify(e),
+    }
+}
+
 fn classify(e: &ClientError) -> Outcome {
     match e {
         ClientError::Rejected(_) => Outcome::Fail,
@@ -58,28 +66,13 @@ fn classify(e: &ClientError) -> Outcome {
 }
 
 fn spec(name: &str, rng: &mut StdRng) -> pb::JobSpec {
-    pb::JobSpec {
-        name: name.into(),
-        vertices: vec![pb::Vertex {
-            name: "work".into(),
-            parallelism: rng.gen_range(1..=2),
-            task: Some(pb::Task {
-                kind: Some(pb::task::Kind::Sleep(pb::SleepTask {
-                    duration_ms: rng.gen_range(200..1500),
-                })),
-            }),
-            node_selector: Default::default(),
-        }],
-        restart_strategy: Some(pb::RestartStrategy {
-            kind: Some(pb::restart_strategy::Kind::FixedDelay(
-                pb::FixedDelayRestart {
-                    attempts: 50,
-                    delay_ms: 100,
-                },
-            )),
-        }),
-        ..Default::default()
-    }
+    // Drawn in this order, parallelism then duration, so a seed replays the same history.
+    let parallelism = rng.gen_range(1..=2);
+    let duration_ms = rng.gen_range(200..1500);
+    JobBuilder::new(name)
+        .vertex("work", parallelism, spec::sleep(duration_ms))
+        .fixed_delay_restarts(50, 100)
+        .build()
 }
 
 /// Runs one client until `stop`; appends to `history`.
@@ -103,6 +96,19 @@ pub async fn client(
         i += 1;
         let roll: u32 = rng.gen_range(0..100);
         let invoke_ms = ms();
+        // An operation that completes now; a submit adds its name, a read what it saw.
+        let done = |kind, job_id, outcome| Op {
+            client: n,
+            kind,
+            job_id,
+            name: String::new(),
+            invoke_ms,
+            complete_ms: ms(),
+            outcome,
+            state: None,
+            restarts: None,
+            not_found: false,
+        };
         let op = if roll < 30 || acked.is_empty() {
             // The id is drawn from the seeded RNG before the first try and reused on every
             // retry inside the client library.
@@ -118,44 +124,18 @@ pub async fn client(
             let r = client
                 .submit_job(Some(id.clone()), spec(&name, &mut rng))
                 .await;
-            let outcome = match &r {
-                Ok(_) => Outcome::Ok,
-                Err(e) => classify(e),
-            };
+            let outcome = outcome_of(&r);
             if outcome == Outcome::Ok {
                 acked.push(id.clone());
             }
             Op {
-                client: n,
-                kind: "submit",
-                job_id: id,
                 name,
-                invoke_ms,
-                complete_ms: ms(),
-                outcome,
-                state: None,
-                restarts: None,
-                not_found: false,
+                ..done("submit", id, outcome)
             }
         } else if roll < 40 {
             let id = acked[rng.gen_range(0..acked.len())].clone();
             let r = client.cancel_job(&id).await;
-            let outcome = match &r {
-                Ok(_) => Outcome::Ok,
-                Err(e) => classify(e),
-            };
-            Op {
-                client: n,
-                kind: "cancel",
-                job_id: id,
-                name: String::new(),
-                invoke_ms,
-                complete_ms: ms(),
-                outcome,
-                state: None,
-                restarts: None,
-                not_found: false,
-            }
+            done("cancel", id, outcome_of(&r))
         } else {
             let id = acked[rng.gen_range(0..acked.len())].clone();
             let r = client.get_job(&id, false).await;
@@ -172,16 +152,10 @@ pub async fn client(
                 Err(e) => (classify(&e), None, None, false),
             };
             Op {
-                client: n,
-                kind: "read",
-                job_id: id,
-                name: String::new(),
-                invoke_ms,
-                complete_ms: ms(),
-                outcome,
                 state,
                 restarts,
                 not_found,
+                ..done("read", id, outcome)
             }
         };
         if let Ok(mut h) = history.lock() {

@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use dispatcher_client::{Client, ClientConfig};
 use dispatcher_proto::v1 as pb;
+use dispatcher_testkit::spec::{self, JobBuilder};
 
 use super::{record, System, Writer};
-use crate::procs::{free_port, Node};
+use crate::procs::Node;
 
 /// A running dispatcher cluster.
 pub struct Dispatcher {
@@ -36,9 +37,7 @@ impl Dispatcher {
             "{} not found (build with `cargo build --release`)",
             program.display()
         );
-        let ports = (0..members)
-            .map(|_| free_port())
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let ports = dispatcher_testkit::free_ports(members).context("free loopback ports")?;
         let endpoints: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let initial = endpoints
             .iter()
@@ -90,27 +89,15 @@ impl Dispatcher {
 /// A job spec of about 2 KiB: one vertex of a command task whose environment carries
 /// the record, so its encoded size matches the other systems' values.
 pub fn job_spec(key: &str) -> pb::JobSpec {
-    let mut env = std::collections::BTreeMap::new();
     let rec = String::from_utf8_lossy(&record(key)).into_owned();
     // The record's own framing takes a few bytes; 1,900 keeps the encoded spec ~2 KiB.
-    env.insert("PAYLOAD".to_string(), rec[..1900].to_string());
-    pb::JobSpec {
-        name: format!("bench-{key}"),
-        vertices: vec![pb::Vertex {
-            name: "work".into(),
-            parallelism: 1,
-            task: Some(pb::Task {
-                kind: Some(pb::task::Kind::Command(pb::CommandTask {
-                    argv: vec!["/bin/true".into()],
-                    env,
-                })),
-            }),
-            // No TaskManager has this label: a benchmark's submissions wait in the queue
-            // and never take the slots of the TaskManagers a failover run watches.
-            node_selector: [("pool".to_string(), "dispatch-bench-none".to_string())].into(),
-        }],
-        ..Default::default()
-    }
+    let payload = [("PAYLOAD", &rec[..1900])];
+    JobBuilder::new(&format!("bench-{key}"))
+        .vertex("work", 1, spec::command_with_env(&["/bin/true"], payload))
+        // No TaskManager has this label: a benchmark's submissions wait in the queue
+        // and never take the slots of the TaskManagers a failover run watches.
+        .selector("pool", "dispatch-bench-none")
+        .build()
 }
 
 struct DispatcherWriter {

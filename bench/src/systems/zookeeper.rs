@@ -15,7 +15,7 @@ use tokio::sync::RwLock;
 use zookeeper_client as zk;
 
 use super::{record, System, Writer};
-use crate::procs::{find_program, free_port, Node};
+use crate::procs::{find_program, Node};
 
 /// Debian's ZooKeeper server jar; its manifest's Class-Path names the other jars it needs
 /// in /usr/share/java (netty, slf4j-api, jute, metrics, ...).
@@ -75,12 +75,13 @@ impl ZooKeeper {
         let work = work
             .canonicalize()
             .with_context(|| format!("cannot resolve {}", work.display()))?;
+        let ports = dispatcher_testkit::free_ports(3 * SERVERS).context("free loopback ports")?;
         let mut client_ports = Vec::with_capacity(SERVERS);
         let mut quorum = String::new();
-        for id in 1..=SERVERS {
-            client_ports.push(free_port()?);
-            let (peer, election) = (free_port()?, free_port()?);
-            quorum.push_str(&format!("server.{id}=127.0.0.1:{peer}:{election}\n"));
+        for (i, three) in ports.chunks(3).enumerate() {
+            let (client, peer, election) = (three[0], three[1], three[2]);
+            client_ports.push(client);
+            quorum.push_str(&format!("server.{}=127.0.0.1:{peer}:{election}\n", i + 1));
         }
         let mut nodes = Vec::with_capacity(SERVERS);
         for (i, port) in client_ports.iter().enumerate() {

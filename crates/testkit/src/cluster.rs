@@ -1,5 +1,6 @@
 //! A real cluster of `dispatcher` replicas and `taskmanager` agents as processes on
-//! loopback, for the end-to-end tests.
+//! loopback, for the end-to-end tests: it owns their ports, data and work directories,
+//! logs and lifetimes (nothing it started outlives it).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -50,6 +51,16 @@ impl ProcCluster {
         Self::start_with(n, &[])
     }
 
+    /// Starts `n` replicas with the binary's defaults and waits until they agree on a
+    /// leader: the opening of most end-to-end tests. Returns the cluster, a client over
+    /// every replica and the leader's id.
+    pub async fn start_elected(n: u64, timeout: Duration) -> (ProcCluster, Client, u64) {
+        let c = Self::start(n);
+        let client = c.client();
+        let leader = c.leader(&client, timeout, "startup").await;
+        (c, client, leader)
+    }
+
     /// Starts `n` replicas with these extra flags (none: the binary's defaults).
     pub fn start_with(n: u64, flags: &[&str]) -> ProcCluster {
         Self::start_custom(n, flags, &[])
@@ -88,6 +99,17 @@ impl ProcCluster {
             c.spawn(id);
         }
         c
+    }
+
+    /// The client address of a replica other than `leader`, to show that a follower
+    /// forwards (or answers) a call.
+    pub fn follower_addr(&self, leader: u64) -> String {
+        self.procs
+            .values()
+            .find(|p| p.id != leader)
+            .expect("a replica other than the leader")
+            .addr
+            .clone()
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -141,8 +163,7 @@ impl ProcCluster {
     /// `kill -9`.
     pub fn kill(&mut self, id: u64) {
         if let Some(mut child) = self.procs.get_mut(&id).and_then(|p| p.child.take()) {
-            let _ = child.kill();
-            let _ = child.wait();
+            signal::kill_child(&mut child);
         }
     }
 
@@ -280,8 +301,7 @@ impl ProcCluster {
     /// `kill -9` of a TaskManager (its task processes are orphaned, as in real life).
     pub fn kill_tm(&mut self, id: &str) {
         if let Some(mut child) = self.tms.get_mut(id).and_then(|t| t.child.take()) {
-            let _ = child.kill();
-            let _ = child.wait();
+            signal::kill_child(&mut child);
         }
     }
 
@@ -325,7 +345,6 @@ impl Drop for ProcCluster {
     fn drop(&mut self) {
         let tms: Vec<String> = self.tms.keys().cloned().collect();
         for id in tms {
-            self.signal_tm(&id, "CONT");
             self.kill_tm(&id);
             // Leave no task process behind, but only kill a group whose leader still
             // works in this TaskManager's directory: a pid that exited long ago may now
@@ -344,7 +363,6 @@ impl Drop for ProcCluster {
         }
         let ids: Vec<u64> = self.procs.keys().copied().collect();
         for id in ids {
-            self.signal(id, "CONT");
             self.kill(id);
         }
     }

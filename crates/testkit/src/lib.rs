@@ -1,12 +1,13 @@
 //! Test support shared by every test package: the end-to-end tests (`tests/`),
-//! `raft-tests`, `chaos` and `bench`.
+//! `raft-tests`, `chaos` and `bench`. A helper two of them need lives here, not in each:
 //!
-//! - [`wait_for`]: wait on a condition with a deadline, never a fixed sleep.
+//! - [`wait_for`], [`wait_blocking`]: wait on a condition with a deadline, never a fixed
+//!   sleep.
 //! - [`free_ports`]: loopback ports for processes under test.
-//! - [`signal`]: signal a process by a positive pid we started, through kill(2) and
-//!   killpg(2), never through the `kill` program.
-//! - [`bin`]: where the workspace's binaries are.
-//! - [`spec`]: job-spec builders.
+//! - [`bin_dir`], [`bin`]: where the workspace's binaries are.
+//! - [`signal`]: every signal sent to a process, by a positive pid through kill(2) and
+//!   killpg(2), never through the `kill` program; killing and reaping a child.
+//! - [`spec`]: job-spec builders, so no test writes the proto messages by hand.
 //! - [`cluster`]: a cluster of real `dispatcher` and `taskmanager` processes.
 //!
 //! Must never be a dependency of a shipped crate.
@@ -72,13 +73,19 @@ pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
 
 /// The directory holding the workspace's binaries (`dispatcher`, `taskmanager`,
 /// `dispatchctl`): `DISPATCHER_BIN_DIR` if set, else the profile directory this
-/// executable was built into (a test runs from `target/<profile>/deps`, a tool such as
-/// `chaos` from `target/<profile>`).
+/// executable was built into. Tools with their own override (`CHAOS_BIN_DIR`,
+/// `dispatch-bench --bin-dir`) consult it first and fall back to this.
 pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("DISPATCHER_BIN_DIR") {
         return PathBuf::from(d);
     }
-    let exe = std::env::current_exe().unwrap_or_default();
+    profile_dir(&std::env::current_exe().unwrap_or_default())
+}
+
+/// The profile directory (`target/<profile>`) of an executable cargo built: a test runs
+/// from `target/<profile>/deps`, a tool such as `chaos` from `target/<profile>` itself,
+/// and the binaries under test are always in the latter.
+fn profile_dir(exe: &Path) -> PathBuf {
     let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
     if dir.ends_with("deps") {
         dir.pop();
@@ -97,4 +104,25 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_dir_is_the_same_for_a_test_and_a_tool() {
+        let test = Path::new("/w/target/debug/deps/cli-0123abcd");
+        let tool = Path::new("/w/target/debug/chaos");
+        assert_eq!(profile_dir(test), Path::new("/w/target/debug"));
+        assert_eq!(profile_dir(tool), Path::new("/w/target/debug"));
+    }
+
+    #[test]
+    fn free_ports_are_distinct() {
+        let ports = free_ports(8).expect("ports");
+        let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), 8, "{ports:?}");
+        assert!(ports.iter().all(|p| *p != 0));
+    }
 }

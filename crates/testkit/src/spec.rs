@@ -1,5 +1,6 @@
-//! Job specs for tests, as the wire carries them (`dispatcher.v1.JobSpec`), so that no
-//! test writes the nested messages by hand.
+//! Job specs for tests and tools, as the wire carries them (`dispatcher.v1.JobSpec`):
+//! the one place in the test packages that writes the nested messages, so that a new
+//! field in the proto is absorbed here and not in every test.
 //!
 //! ```
 //! use dispatcher_testkit::spec::{self, JobBuilder};
@@ -32,12 +33,26 @@ pub fn fail(after_ms: u64, exit_code: i32) -> pb::Task {
 
 /// A command task: a child process with this argv and no extra environment.
 pub fn command(argv: &[&str]) -> pb::Task {
+    command_with_env(argv, std::iter::empty::<(String, String)>())
+}
+
+/// A command task with extra environment variables.
+pub fn command_with_env<K, V>(argv: &[&str], env: impl IntoIterator<Item = (K, V)>) -> pb::Task
+where
+    K: Into<String>,
+    V: Into<String>,
+{
     pb::Task {
         kind: Some(pb::task::Kind::Command(pb::CommandTask {
             argv: argv.iter().map(|s| s.to_string()).collect(),
-            env: Default::default(),
+            env: env.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
         })),
     }
+}
+
+/// A command task running `script` with `/bin/sh -c`.
+pub fn shell(script: &str) -> pb::Task {
+    command(&["/bin/sh", "-c", script])
 }
 
 /// Builds a [`pb::JobSpec`] vertex by vertex.
@@ -59,12 +74,24 @@ impl JobBuilder {
             name: name.into(),
             parallelism,
             task: Some(task),
-            node_selector: Default::default(),
+            ..Default::default()
         });
         self
     }
 
-    /// Requires a label on the TaskManagers hosting the last added vertex.
+    /// Requires a label on the TaskManagers hosting the last added vertex (so it goes
+    /// right after that [`vertex`](Self::vertex) call; before any vertex it does nothing).
+    ///
+    /// ```
+    /// use dispatcher_testkit::spec::{self, JobBuilder};
+    /// let job = JobBuilder::new("j")
+    ///     .vertex("a", 1, spec::sleep(1))
+    ///     .vertex("b", 1, spec::sleep(1))
+    ///     .selector("rack", "r1")
+    ///     .build();
+    /// assert!(job.vertices[0].node_selector.is_empty());
+    /// assert_eq!(job.vertices[1].node_selector["rack"], "r1");
+    /// ```
     pub fn selector(mut self, key: &str, value: &str) -> Self {
         if let Some(v) = self.0.vertices.last_mut() {
             v.node_selector.insert(key.into(), value.into());
@@ -84,6 +111,18 @@ impl JobBuilder {
     /// Sets the scheduling priority.
     pub fn priority(mut self, priority: i32) -> Self {
         self.0.priority = priority;
+        self
+    }
+
+    /// Sets how slots are chosen among TaskManagers.
+    pub fn placement(mut self, strategy: pb::PlacementStrategy) -> Self {
+        self.0.placement_strategy = strategy as i32;
+        self
+    }
+
+    /// Adds a free-form job label (metadata the dispatcher does not interpret).
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.0.labels.insert(key.into(), value.into());
         self
     }
 
@@ -108,4 +147,36 @@ pub fn sleep_job(name: &str, parallelism: u32) -> pb::JobSpec {
     JobBuilder::new(name)
         .vertex("work", parallelism, sleep(60_000))
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_built_spec_holds_exactly_what_was_asked() {
+        let job = JobBuilder::new("j")
+            .vertex("v", 2, command_with_env(&["/bin/true"], [("K", "x")]))
+            .placement(pb::PlacementStrategy::BinPack)
+            .label("team", "a")
+            .build();
+        let expected = pb::JobSpec {
+            name: "j".into(),
+            vertices: vec![pb::Vertex {
+                name: "v".into(),
+                parallelism: 2,
+                task: Some(pb::Task {
+                    kind: Some(pb::task::Kind::Command(pb::CommandTask {
+                        argv: vec!["/bin/true".into()],
+                        env: [("K".to_string(), "x".to_string())].into(),
+                    })),
+                }),
+                ..Default::default()
+            }],
+            placement_strategy: pb::PlacementStrategy::BinPack as i32,
+            labels: [("team".to_string(), "a".to_string())].into(),
+            ..Default::default()
+        };
+        assert_eq!(job, expected);
+    }
 }
