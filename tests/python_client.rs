@@ -10,7 +10,7 @@ use dispatcher_testkit::ProcCluster;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_grpc_client_submits_lists_checks_health_and_reflects() {
     let python = std::env::var("DISPATCHER_PYTHON")
-        .unwrap_or_else(|_| format!("{}/target/pyenv/bin/python", env!("CARGO_MANIFEST_DIR")));
+        .unwrap_or_else(|_| format!("{}/../target/pyenv/bin/python", env!("CARGO_MANIFEST_DIR")));
     assert!(
         std::path::Path::new(&python).exists(),
         "no Python with grpcio at {python}: run `make python-deps` (or `make test`, which does)"
@@ -19,11 +19,12 @@ async fn a_python_grpc_client_submits_lists_checks_health_and_reflects() {
     // Through a follower: the write is forwarded to the leader.
     let follower = c.follower_addr(leader);
     let out = tokio::process::Command::new(&python)
+        // This package is `tests/`; the protos are the workspace's.
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/tests/python/client_check.py"
+            "/python/client_check.py"
         ))
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/proto"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../proto"))
         .arg(&follower)
         .output()
         .await

@@ -7,30 +7,18 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use dispatcher_core::state::{Command, JobId, JobSpec, RestartStrategy, TaskSpec, VertexSpec};
+use dispatcher_core::state::{Command, JobId, JobSpec, TaskSpec};
 use dispatcher_server::raft::log_store::{Durability, Identity, LogStore};
 use dispatcher_server::raft::{LogId, TypeConfig};
 use openraft::storage::RaftLogStorage;
 use openraft::{CommittedLeaderId, EntryPayload};
 
 fn entry(index: u64) -> openraft::Entry<TypeConfig> {
-    let spec = JobSpec {
-        name: "bench".into(),
-        vertices: vec![VertexSpec {
-            name: "map".into(),
-            parallelism: 4,
-            task: TaskSpec::Command {
-                argv: vec!["/bin/sh".into(), "-c".into(), "x".repeat(1800)],
-                env: BTreeMap::new(),
-            },
-            node_selector: BTreeMap::new(),
-        }],
-        edges: vec![],
-        priority: 0,
-        restart: RestartStrategy::NoRestart,
-        placement: None,
-        labels: BTreeMap::new(),
+    let task = TaskSpec::Command {
+        argv: vec!["/bin/sh".into(), "-c".into(), "x".repeat(1800)],
+        env: BTreeMap::new(),
     };
+    let spec = JobSpec::single_vertex("bench", "map", 4, task);
     openraft::Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
         payload: EntryPayload::Normal(Command::SubmitJob {

@@ -265,15 +265,15 @@ impl Agent {
         let Some(running) = self.tasks.get_mut(key) else {
             return;
         };
-        let message = match why {
-            CancelReason::NotAssigned => "not assigned any more: stopping it",
-            CancelReason::Stopped => "job winding down: stopping it",
-            CancelReason::RegistrationLost => "registration lost: stopping it",
-            CancelReason::ShuttingDown => "shutting down: stopping it",
+        let reason = match why {
+            CancelReason::NotAssigned => "not assigned any more",
+            CancelReason::Stopped => "job winding down",
+            CancelReason::RegistrationLost => "registration lost",
+            CancelReason::ShuttingDown => "shutting down",
         };
         tracing::info!(
             task_manager = %self.config.id, job_id = %key.job, vertex = %key.vertex,
-            subtask = key.subtask, attempt = key.attempt, "{message}"
+            subtask = key.subtask, attempt = key.attempt, reason, "stopping the task"
         );
         running.cancel();
     }

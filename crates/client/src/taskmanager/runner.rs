@@ -139,7 +139,7 @@ pub fn start(
                 let pid_file = pid_dir.join(format!("{}.pid", key.file_name()));
                 if let Some(pid) = pid {
                     if let Err(e) = write_pid_file(&pid_file, pid) {
-                        tracing::warn!(error = %e, "cannot record pid {pid}");
+                        tracing::warn!(error = %e, pid, "cannot record the pid");
                     }
                 }
                 tokio::spawn(watch_process(

@@ -204,6 +204,25 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
+    /// The simplest job: one vertex of `parallelism` subtasks running `task`, no edges,
+    /// default priority, no restarts, the cluster's placement, no labels.
+    pub fn single_vertex(name: &str, vertex: &str, parallelism: u32, task: TaskSpec) -> JobSpec {
+        JobSpec {
+            name: name.into(),
+            vertices: vec![VertexSpec {
+                name: vertex.into(),
+                parallelism,
+                task,
+                node_selector: BTreeMap::new(),
+            }],
+            edges: vec![],
+            priority: 0,
+            restart: RestartStrategy::NoRestart,
+            placement: None,
+            labels: BTreeMap::new(),
+        }
+    }
+
     /// Total number of subtasks (slots needed), saturating so that a hostile spec cannot
     /// overflow before validation rejects it.
     pub fn task_count(&self) -> u64 {

@@ -28,7 +28,7 @@ async fn main() {
         LogFormat::Text => builder.init(),
     }
     if let Err(e) = dispatcher_server::server::run(config, shutdown_signal()).await {
-        tracing::error!("{e}");
+        tracing::error!(error = %e, "replica stopped");
         eprintln!("dispatcher: {e}");
         std::process::exit(1);
     }
@@ -39,7 +39,7 @@ async fn shutdown_signal() {
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!("cannot listen for SIGTERM: {e}");
+            tracing::warn!(error = %e, "cannot listen for SIGTERM");
             let _ = tokio::signal::ctrl_c().await;
             return;
         }

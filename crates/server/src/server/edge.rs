@@ -42,6 +42,17 @@ pub enum Consistency {
     Local,
 }
 
+impl Consistency {
+    /// The consistency one request gets: a linearizable read whose caller accepts a stale
+    /// answer is served locally; nothing else can be weakened by the caller.
+    pub fn for_request(self, stale: bool) -> Consistency {
+        match self {
+            Consistency::Linearizable if stale => Consistency::Local,
+            c => c,
+        }
+    }
+}
+
 /// One RPC as the edge sees it: its name (for traces) and its consistency.
 #[derive(Clone, Copy, Debug)]
 pub struct Rpc {
@@ -124,10 +135,7 @@ impl Edge {
     {
         let span = span(rpc, &request);
         async move {
-            let consistency = match rpc.consistency {
-                Consistency::Linearizable if request.get_ref().stale() => Consistency::Local,
-                c => c,
-            };
+            let consistency = rpc.consistency.for_request(request.get_ref().stale());
             if consistency != Consistency::Local {
                 if let Some(answer) = self.forward_or_local(&request, forward).await? {
                     return Ok(answer);
@@ -257,17 +265,23 @@ impl Edge {
     }
 }
 
+/// RPCs that arrive many times a second on a healthy cluster (peers' Raft traffic,
+/// TaskManager heartbeats): their spans are at debug level, so that the default log
+/// level pays nothing for them.
+const HIGH_VOLUME: [&str; 4] = ["append_entries", "vote", "install_snapshot", "heartbeat"];
+
 /// The span of one call: the RPC, whether another replica forwarded it, and the job and
 /// TaskManager it concerns, so that one job can be followed from the edge to `apply`.
 fn span<Req: EdgeRequest>(rpc: Rpc, request: &Request<Req>) -> tracing::Span {
     let message = request.get_ref();
-    tracing::info_span!(
-        "rpc",
-        rpc = rpc.name,
-        forwarded = forward::was_forwarded(request),
-        job_id = message.job_id().unwrap_or_default(),
-        task_manager = message.task_manager_id().unwrap_or_default(),
-    )
+    let forwarded = forward::was_forwarded(request);
+    let job_id = message.job_id().unwrap_or_default();
+    let task_manager = message.task_manager_id().unwrap_or_default();
+    if HIGH_VOLUME.contains(&rpc.name) {
+        tracing::debug_span!("rpc", rpc = rpc.name, forwarded, job_id, task_manager)
+    } else {
+        tracing::info_span!("rpc", rpc = rpc.name, forwarded, job_id, task_manager)
+    }
 }
 
 /// A server stream as a service trait declares it: forwarded streams and local ones have
@@ -331,4 +345,41 @@ macro_rules! edge_service {
             .await
             .map(|answer| answer.map(|s| Box::pin(s) as _))
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_linearizable_read_can_be_made_stale_by_its_caller() {
+        use Consistency::*;
+        assert_eq!(Linearizable.for_request(true), Local);
+        assert_eq!(Linearizable.for_request(false), Linearizable);
+        assert_eq!(
+            Leader.for_request(true),
+            Leader,
+            "a write is never served locally"
+        );
+        assert_eq!(Local.for_request(false), Local);
+    }
+
+    #[test]
+    fn requests_name_their_job_task_manager_and_staleness() {
+        let get = pb::GetJobRequest {
+            job_id: "j".into(),
+            stale: true,
+        };
+        assert_eq!((get.job_id(), get.stale()), (Some("j"), true));
+        let hb = pb::HeartbeatRequest {
+            task_manager_id: "tm-1".into(),
+            ..Default::default()
+        };
+        assert_eq!((hb.task_manager_id(), hb.stale()), (Some("tm-1"), false));
+        let submit = pb::SubmitJobRequest::default();
+        assert!(
+            !submit.stale(),
+            "a submission cannot ask to be served stale"
+        );
+    }
 }

@@ -104,7 +104,8 @@ pub async fn serve(
         listen = %config.listen,
         advertise = %config.advertise,
         heartbeat_ms = config.raft.heartbeat_ms,
-        election_timeout_ms = %format!("{}-{}", config.raft.election_timeout_min_ms, config.raft.election_timeout_max_ms),
+        election_timeout_min_ms = config.raft.election_timeout_min_ms,
+        election_timeout_max_ms = config.raft.election_timeout_max_ms,
         "replica started"
     );
 
@@ -180,7 +181,7 @@ pub async fn serve(
             let _ = stopping.wait_for(|s| *s).await;
             tokio::time::sleep(SHUTDOWN_DRAIN).await;
         } => {
-            tracing::warn!("connections still open after {SHUTDOWN_DRAIN:?}; stopping anyway");
+            tracing::warn!(drain = ?SHUTDOWN_DRAIN, "connections still open after the drain; stopping anyway");
             Ok(())
         }
     };

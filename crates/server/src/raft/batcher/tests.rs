@@ -1,7 +1,6 @@
 //! The batcher without Raft: proposals go to the real state machine (or to a gate that
 //! holds them), so the tests see exactly what callers would.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,29 +8,14 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use super::*;
-use dispatcher_core::state::{
-    DispatcherState, JobId, JobSpec, RestartStrategy, TaskSpec, VertexSpec,
-};
+use dispatcher_core::state::{DispatcherState, JobId, JobSpec, TaskSpec};
 
 fn job_id(n: u32) -> JobId {
     JobId::parse(&format!("00000000-0000-4000-8000-{n:012}")).expect("valid uuid")
 }
 
 fn spec(name: &str) -> JobSpec {
-    JobSpec {
-        name: name.into(),
-        vertices: vec![VertexSpec {
-            name: "work".into(),
-            parallelism: 1,
-            task: TaskSpec::Sleep { duration_ms: 1000 },
-            node_selector: BTreeMap::new(),
-        }],
-        edges: vec![],
-        priority: 0,
-        restart: RestartStrategy::NoRestart,
-        placement: None,
-        labels: BTreeMap::new(),
-    }
+    JobSpec::single_vertex(name, "work", 1, TaskSpec::Sleep { duration_ms: 1000 })
 }
 
 fn submit(n: u32) -> Command {
