@@ -399,10 +399,18 @@ impl Cluster {
         self.replica(id).state.read().state.job(job).is_some()
     }
 
-    /// Stops every replica.
+    /// Stops every replica, then checks the whole run's trace for two leaders in one
+    /// term (Raft's election safety), which a test's own polling could miss.
     pub async fn shutdown(&self) {
         for id in self.running() {
             self.stop(id).await;
+        }
+        for (term, leaders) in self.trace().leaders_by_term() {
+            assert!(
+                leaders.len() <= 1,
+                "two leaders in term {term}: {leaders:?} (seed {})",
+                self.seed
+            );
         }
     }
 }

@@ -1,8 +1,8 @@
 //! What happened in a run, in simulated time: the fate of every message, every change of
 //! a replica's term, role or leader, and the harness's own actions. Two runs of one seed
-//! must produce equal traces.
+//! must produce equal traces; `tests/replay.rs` holds the harness to that.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use dispatcher_server::raft::NodeId;
@@ -119,6 +119,23 @@ impl Trace {
         let what = what.into();
         tracing::info!(at_ms = self.now_ms(), "{what}");
         self.record(|at_ms| Event::Harness { at_ms, what });
+    }
+
+    /// The replicas seen leading, per term, over the whole run so far.
+    pub fn leaders_by_term(&self) -> BTreeMap<u64, BTreeSet<NodeId>> {
+        let mut out: BTreeMap<u64, BTreeSet<NodeId>> = BTreeMap::new();
+        for e in self.events.lock().expect("trace").iter() {
+            if let Event::Role {
+                node,
+                term,
+                state: ServerState::Leader,
+                ..
+            } = e
+            {
+                out.entry(*term).or_default().insert(*node);
+            }
+        }
+        out
     }
 
     /// Everything recorded so far.

@@ -74,6 +74,10 @@ fn at_most_one_leader_per_term_under_message_loss() {
         })
         .await;
         c.assert_converged(T, "after lossy elections").await;
+        assert!(
+            c.trace().leaders_by_term().len() > 1,
+            "the loss caused no new election: the window tested nothing"
+        );
         c.shutdown().await;
     })
 }
