@@ -27,6 +27,10 @@
 //!     openraft draws its timeout with its runtime's `thread_rng()`, which the
 //!     dispatcher's `TypeConfig` (`TokioRuntime`) leaves unseeded, so the harness hands
 //!     each boot the one-value range `[t, t + 1)`, where openraft's draw can only be `t`.
+//!     openraft also takes the leader lease (max) and the smaller-log timeout (2 × max)
+//!     from that range, so a replica's lease is its own `t + 1` rather than the
+//!     configured max. A seedable `AsyncRuntime` in dispatcher-server's `TypeConfig`
+//!     would keep both and make this workaround unnecessary.
 //! - **The trace** ([`trace`]): the fate of every message, each change of a replica's
 //!   term, role or leader, and each harness action, in simulated milliseconds.
 //!   [`Cluster::shutdown`] checks it for two leaders in one term.
