@@ -26,7 +26,21 @@ pub use cluster::ProcCluster;
 ///
 /// Runs on the caller's clock: under tokio's paused clock the 20 ms poll interval
 /// auto-advances, so a deadline counts simulated time there.
-pub async fn wait_for<T, F, Fut>(timeout: Duration, why: &str, mut cond: F) -> T
+pub async fn wait_for<T, F, Fut>(timeout: Duration, why: &str, cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    wait_for_every(Duration::from_millis(20), timeout, why, cond).await
+}
+
+/// [`wait_for`], polling every `poll`.
+pub async fn wait_for_every<T, F, Fut>(
+    poll: Duration,
+    timeout: Duration,
+    why: &str,
+    mut cond: F,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -40,7 +54,7 @@ where
             tokio::time::Instant::now() < deadline,
             "timed out after {timeout:?} waiting for: {why}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(poll).await;
     }
 }
 
