@@ -252,3 +252,48 @@ async fn a_submission_in_flight_while_the_leader_is_killed_succeeds_exactly_once
         c.converged(&client, T, "the killed replica is back").await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_status_shows_pids_and_without_a_leader_says_so_and_exits_5() {
+    let (mut c, _, leader) = ProcCluster::start_elected(3, T).await;
+    let (code, out, err) = ctl(&c.endpoints().join(","), &["cluster", "status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("PID") && out.contains("(pid "), "{out}");
+
+    // Without a quorum no election can succeed: the survivor, a follower, answers but
+    // knows no leader.
+    let survivor = c.follower_addr(leader);
+    let other = c
+        .procs
+        .values()
+        .find(|p| p.id != leader && p.addr != survivor)
+        .map(|p| p.id)
+        .expect("a third replica");
+    c.kill(leader);
+    c.kill(other);
+    let (code, out, err) = ctl(&survivor, &["-o", "json", "cluster", "status"]);
+    assert_eq!(code, 5, "no leader is exit 5: {out}");
+    assert!(
+        err.contains("no leader: an election may be running"),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json cluster status");
+    let replicas = v["replicas"].as_array().expect("replicas");
+    let me = replicas
+        .iter()
+        .find(|r| r["address"] == survivor.as_str())
+        .expect("the survivor");
+    let pid = me["pid"].as_u64().expect("the survivor's pid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains(&survivor),
+        "pid {pid} is the survivor's dispatcher process"
+    );
+    assert!(
+        replicas
+            .iter()
+            .filter(|r| r["reachable"] == false)
+            .all(|r| r["pid"].is_null()),
+        "a replica that did not answer has no pid: {out}"
+    );
+}

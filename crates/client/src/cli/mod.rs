@@ -7,7 +7,8 @@
 //! - 3: not found (unknown job id or replica);
 //! - 4: refused: invalid input (a spec file that does not parse or validate), an id
 //!   reused with another spec, an illegal transition (cancel of a finished job);
-//! - 5: the cluster is unavailable (no replica answered, no leader before the deadline);
+//! - 5: the cluster is unavailable (no replica answered, no leader before the deadline;
+//!   `cluster status`: no replica is leader);
 //! - 6: `job watch` only: the job ended FAILED or CANCELED.
 
 pub mod output;
@@ -152,7 +153,8 @@ pub enum JobCmd {
 /// Cluster commands.
 #[derive(Debug, Subcommand)]
 pub enum ClusterCmd {
-    /// Every replica: id, address, role, term, last log index, applied index, lag.
+    /// Every replica: id, address, process id, role, term, last log index, applied
+    /// index, lag. Exits with 5 when no replica is leader (an election may be running).
     Status,
     /// Adds a replica (started with an empty data directory) and makes it a voter.
     AddNode {
@@ -389,6 +391,20 @@ async fn cluster(client: &Client, out: &Output, cmd: ClusterCmd) -> Result<u8, F
         ClusterCmd::Status => {
             let status = client.cluster_status().await?;
             out.cluster(&status);
+            // The table is still worth printing (which replicas answer, their terms),
+            // but a script or an operator checking on a failover must not read
+            // "no leader" as success.
+            if output::leader(&status).is_none() {
+                let answered = status.replicas.iter().filter(|r| r.reachable).count();
+                return Err(failure(
+                    exit::UNAVAILABLE,
+                    format!(
+                        "no leader: an election may be running ({answered} of {} replicas \
+                         answered)",
+                        status.replicas.len()
+                    ),
+                ));
+            }
             Ok(exit::OK)
         }
         ClusterCmd::AddNode { id, addr, learner } => {

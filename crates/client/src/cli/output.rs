@@ -8,6 +8,15 @@ use serde_json::{json, Value};
 use super::Format;
 use dispatcher_proto::v1 as pb;
 
+/// The replica of a status answer that says it is the leader, if one does. The answering
+/// replica's `leader_id` is not enough: right after the leader dies its followers still
+/// name it until they elect another.
+pub fn leader(s: &pb::StatusResponse) -> Option<&pb::ReplicaStatus> {
+    s.replicas
+        .iter()
+        .find(|r| r.reachable && r.role == pb::ReplicaRole::Leader as i32)
+}
+
 /// Prints results in one format.
 pub struct Output {
     format: Format,
@@ -214,10 +223,9 @@ impl Output {
 
     /// Cluster status.
     pub fn cluster(&self, s: &pb::StatusResponse) {
-        let leader = s
-            .replicas
-            .iter()
-            .find(|r| r.role == pb::ReplicaRole::Leader as i32);
+        let leader = leader(s);
+        // A replica that did not answer reports no pid (0); show that as unknown.
+        let pid = |r: &pb::ReplicaStatus| (r.pid > 0).then_some(r.pid);
         let lag = |r: &pb::ReplicaStatus| {
             leader
                 .filter(|_| r.reachable)
@@ -226,12 +234,13 @@ impl Output {
         match self.format {
             Format::Table => {
                 let mut t = table(&[
-                    "ID", "ADDRESS", "ROLE", "TERM", "LAST LOG", "APPLIED", "LAG", "DIGEST",
+                    "ID", "ADDRESS", "PID", "ROLE", "TERM", "LAST LOG", "APPLIED", "LAG", "DIGEST",
                 ]);
                 for r in &s.replicas {
                     t.add_row(vec![
                         r.id.to_string(),
                         r.address.clone(),
+                        pid(r).map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                         role(r.role).to_string(),
                         r.term.to_string(),
                         r.last_log_index.to_string(),
@@ -241,16 +250,20 @@ impl Output {
                     ]);
                 }
                 println!("{t}");
-                match leader {
-                    Some(l) => println!("leader: {} at {}", l.id, l.address),
-                    None => println!("leader: none known"),
+                // Without a leader, the CLI says so on stderr and exits non-zero.
+                if let Some(l) = leader {
+                    match pid(l) {
+                        Some(p) => println!("leader: {} at {} (pid {p})", l.id, l.address),
+                        None => println!("leader: {} at {}", l.id, l.address),
+                    }
                 }
             }
             Format::Json => print_json(&json!({
                 "leader_id": (s.leader_id > 0).then_some(s.leader_id),
                 "leader_address": s.leader_address,
                 "replicas": s.replicas.iter().map(|r| json!({
-                    "id": r.id, "address": r.address, "role": role(r.role), "term": r.term,
+                    "id": r.id, "address": r.address, "pid": pid(r), "role": role(r.role),
+                    "term": r.term,
                     "last_log_index": r.last_log_index, "applied_index": r.applied_index,
                     "lag": lag(r), "leader_id": r.leader_id, "state_digest": r.state_digest,
                     "reachable": r.reachable,

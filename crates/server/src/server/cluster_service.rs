@@ -91,6 +91,9 @@ impl ClusterServer {
             leader_id: m.current_leader.unwrap_or(0),
             state_digest: digest,
             reachable: true,
+            // Each replica reports its own pid; peers' pids arrive through their local
+            // status (`peer_status`), never guessed by the answering replica.
+            pid: std::process::id(),
         }
     }
 
