@@ -8,8 +8,9 @@ all: build
 build:
 	$(CARGO) build --workspace --all-targets
 
-## Three replicas on loopback (127.0.0.1:7001-7003), data under ./data, in the
-## foreground with their logs; Ctrl-C stops them all.
+## Three replicas on loopback (127.0.0.1:7001-7003) and two TaskManagers, data under
+## ./data, in the foreground with their logs; a process that dies is restarted after 2 s;
+## Ctrl-C stops them all (scripts/cluster.sh has the CLUSTER_* overrides).
 cluster:
 	scripts/cluster.sh
 
