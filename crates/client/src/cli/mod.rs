@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-use crate::client::{Client, ClientConfig, ClientError};
+use crate::client::{transport_cause, Client, ClientConfig, ClientError};
 use dispatcher_core::state::JobState;
 use dispatcher_proto::convert;
 use dispatcher_proto::v1 as pb;
@@ -283,7 +283,10 @@ async fn health(endpoint: &str, service: &str, timeout: Duration) -> Result<u8, 
         .timeout(timeout)
         .connect()
         .await
-        .map_err(|e| failure(exit::UNAVAILABLE, format!("{endpoint}: {e}")))?;
+        .map_err(|e| {
+            let cause = transport_cause(&e);
+            failure(exit::UNAVAILABLE, format!("{endpoint}: {cause}"))
+        })?;
     let resp = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.to_string(),
