@@ -375,19 +375,21 @@ async fn job(client: &Client, out: &Output, cmd: JobCmd) -> Result<u8, Failure> 
         }
         JobCmd::Watch { id } => {
             let mut events = client.watch_job(&id);
-            let mut last = None;
+            let mut last: Option<pb::JobStatus> = None;
             while let Some(ev) = events.next().await {
                 let ev = ev?;
-                if let Some(job) = &ev.job {
-                    out.event(&ev, job);
-                    last = Some(job.state);
+                if let Some(job) = ev.job.clone() {
+                    out.event(&ev, &job, last.as_ref());
+                    last = Some(job);
                 }
             }
-            Ok(match last.and_then(|s| pb::JobState::try_from(s).ok()) {
-                Some(pb::JobState::Finished) => exit::OK,
-                Some(pb::JobState::Failed | pb::JobState::Canceled) => exit::JOB_FAILED,
-                _ => exit::UNAVAILABLE,
-            })
+            Ok(
+                match last.and_then(|j| pb::JobState::try_from(j.state).ok()) {
+                    Some(pb::JobState::Finished) => exit::OK,
+                    Some(pb::JobState::Failed | pb::JobState::Canceled) => exit::JOB_FAILED,
+                    _ => exit::UNAVAILABLE,
+                },
+            )
         }
     }
 }
