@@ -11,8 +11,12 @@ use dispatcher_testkit::ProcCluster;
 const T: Duration = Duration::from_secs(30);
 
 fn ctl(endpoints: &str, args: &[&str]) -> (i32, String, String) {
+    ctl_within("20", endpoints, args)
+}
+
+fn ctl_within(timeout: &str, endpoints: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(dispatcher_testkit::bin("dispatchctl"))
-        .args(["--endpoints", endpoints, "--timeout", "20"])
+        .args(["--endpoints", endpoints, "--timeout", timeout])
         .args(args)
         .output()
         .expect("run dispatchctl");
@@ -296,4 +300,80 @@ async fn cluster_status_shows_pids_and_without_a_leader_says_so_and_exits_5() {
             .all(|r| r["pid"].is_null()),
         "a replica that did not answer has no pid: {out}"
     );
+}
+
+/// The seconds in `... after 1.052s (...`, if printed with exactly three decimals.
+fn printed_seconds(message: &str) -> Option<f64> {
+    let rest = message.split_once(" after ")?.1;
+    let secs = rest.split_once("s (")?.0;
+    let decimals = secs.split_once('.')?.1;
+    (decimals.len() == 3).then(|| secs.parse().ok()).flatten()
+}
+
+#[test]
+fn with_nothing_listening_anywhere_the_cli_fails_in_about_a_second_naming_each_address() {
+    let ports = dispatcher_testkit::free_ports(2).expect("free ports");
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let started = std::time::Instant::now();
+    let (code, _, err) = ctl(&addrs.join(","), &["cluster", "status"]);
+    let took = started.elapsed();
+    assert_eq!(code, 5, "unavailable: {err}");
+    assert!(
+        took < Duration::from_secs(5),
+        "gave up after {took:?}, not at the 20 s deadline: {err}"
+    );
+    assert!(
+        err.starts_with("dispatchctl: no replica reachable after "),
+        "{err}"
+    );
+    for a in &addrs {
+        assert!(err.contains(&format!("{a}: connection refused")), "{err}");
+    }
+    let secs = printed_seconds(&err).expect("the time, to the millisecond");
+    assert!((0.5..5.0).contains(&secs), "{err}");
+
+    for bad in ["0", "3601"] {
+        let (code, _, err) = ctl_within(bad, &addrs.join(","), &["cluster", "status"]);
+        assert_eq!(code, 2, "--timeout {bad} is bad usage: {err}");
+        assert!(err.contains("1..=3600"), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_one_replica_answers_the_cli_keeps_trying_until_its_timeout() {
+    let mut c = ProcCluster::start(3);
+    // Replica 1 alone can elect no leader: it answers, but cannot serve.
+    c.kill(2);
+    c.kill(3);
+    let addr = |id: u64| c.procs[&id].addr.clone();
+    let survivor = addr(1);
+    dispatcher_testkit::wait_for(T, "replica 1 accepts connections", || {
+        let survivor = survivor.clone();
+        async move { std::net::TcpStream::connect(&survivor).ok().map(|_| ()) }
+    })
+    .await;
+    // The dead replicas first, so that each is tried before the survivor's try ends.
+    let endpoints = [addr(2), addr(3), addr(1)].join(",");
+    let started = std::time::Instant::now();
+    let (code, _, err) = ctl_within("4", &endpoints, &["job", "list"]);
+    let took = started.elapsed();
+    assert_eq!(code, 5, "unavailable: {err}");
+    assert!(
+        took >= Duration::from_secs(4),
+        "gave up after {took:?}: {err}"
+    );
+    assert!(
+        err.starts_with("dispatchctl: cluster unavailable after 4."),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{}: connection refused", addr(2))),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{}: connection refused", addr(3))),
+        "{err}"
+    );
+    assert!(err.contains(&format!("{survivor}: ")), "{err}");
+    assert!(printed_seconds(&err).is_some(), "{err}");
 }

@@ -4,8 +4,10 @@
 //! It takes several endpoints, finds the leader (following the `x-dispatcher-leader`
 //! hint a follower returns), retries on another replica with jittered exponential
 //! backoff when a replica is down, not the leader or slow, and gives up at the call's
-//! deadline. Every write it sends is idempotent: a submission's job id is chosen before
-//! the first try and reused on every retry, so one submission never becomes two.
+//! deadline, or after about a second when nothing listens at any endpoint (waiting out
+//! an election helps; waiting for a cluster that is not running does not). Every write
+//! it sends is idempotent: a submission's job id is chosen before the first try and
+//! reused on every retry, so one submission never becomes two.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -39,6 +41,10 @@ pub struct ClientConfig {
     pub min_backoff: Duration,
     /// Largest retry delay.
     pub max_backoff: Duration,
+    /// How long every endpoint must refuse the connection (each at least twice) before a
+    /// call gives up ahead of its deadline: nothing is listening, so no election is
+    /// running that waiting could outlast.
+    pub unreachable_timeout: Duration,
 }
 
 impl ClientConfig {
@@ -51,6 +57,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_millis(500),
             min_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(250),
+            unreachable_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -70,16 +77,73 @@ pub enum ClientError {
     /// illegal transition). Retrying would not help.
     #[error("{}", .0.message())]
     Rejected(Status),
-    /// No replica could serve the call before the deadline.
-    #[error("cluster unavailable after {attempts} attempts in {elapsed:?}: {}", .last.message())]
+    /// No replica could serve the call: the deadline passed, or nothing was listening.
+    #[error("{}", unavailable_message(*.gave_up, *.attempts, *.elapsed, .endpoints, .last))]
     Unavailable {
+        /// Why the call stopped retrying.
+        gave_up: GaveUp,
         /// Tries made.
         attempts: usize,
         /// Time spent.
         elapsed: Duration,
+        /// Every address tried, in the order first tried, with the cause of its last
+        /// failure.
+        endpoints: Vec<EndpointFailure>,
         /// The last error seen.
         last: Status,
     },
+}
+
+/// Why a call that could not be served stopped retrying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GaveUp {
+    /// The call's deadline passed: replicas may have answered (no leader yet) or not.
+    Deadline,
+    /// Every endpoint refused the connection (or had no route) for
+    /// [`ClientConfig::unreachable_timeout`].
+    NothingListening,
+}
+
+/// The last failure at one address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointFailure {
+    /// The address (`host:port`), as configured or hinted.
+    pub address: String,
+    /// The cause in a few words (`connection refused`, a replica's own message).
+    pub cause: String,
+}
+
+fn unavailable_message(
+    gave_up: GaveUp,
+    attempts: usize,
+    elapsed: Duration,
+    endpoints: &[EndpointFailure],
+    last: &Status,
+) -> String {
+    let what = match gave_up {
+        GaveUp::Deadline => "cluster unavailable",
+        GaveUp::NothingListening => "no replica reachable",
+    };
+    let causes = if endpoints.is_empty() {
+        last.message().to_string()
+    } else {
+        let each: Vec<String> = endpoints
+            .iter()
+            .map(|e| format!("{}: {}", e.address, e.cause))
+            .collect();
+        each.join("; ")
+    };
+    let tries = if attempts == 1 { "attempt" } else { "attempts" };
+    format!(
+        "{what} after {} ({attempts} {tries}): {causes}",
+        seconds(elapsed)
+    )
+}
+
+/// A duration for people: seconds with millisecond precision (`15.002s`), since the
+/// nanoseconds of `Debug` are noise in a message.
+pub fn seconds(d: Duration) -> String {
+    format!("{:.3}s", d.as_secs_f64())
 }
 
 impl ClientError {
@@ -146,6 +210,151 @@ impl EndpointChoice {
             Err(status) => leader_hint(status.metadata()).filter(|h| h != addr),
         };
     }
+}
+
+/// One failed try, as the decision to go on sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct TryFailure {
+    /// The cause in a few words, for the final error.
+    cause: String,
+    /// Nothing accepted the TCP connection: refused, or no route to the host. Anything
+    /// else (a replica's UNAVAILABLE, a timeout, a dropped stream) may be an election.
+    not_listening: bool,
+}
+
+/// The cause of a transport failure, read from the I/O error at the bottom of its chain
+/// (tonic's own message is only `tcp connect error` or `transport error`); `None` when
+/// the chain holds no I/O error.
+fn io_cause(err: &(dyn std::error::Error + 'static)) -> Option<TryFailure> {
+    use std::io::ErrorKind;
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            let (cause, not_listening) = match io.kind() {
+                ErrorKind::ConnectionRefused => ("connection refused".to_string(), true),
+                ErrorKind::HostUnreachable => ("no route to host".to_string(), true),
+                ErrorKind::NetworkUnreachable => ("network unreachable".to_string(), true),
+                // A host that swallows SYNs may be partitioned, not gone.
+                ErrorKind::TimedOut => ("connect timed out".to_string(), false),
+                _ => (io.to_string(), false),
+            };
+            return Some(TryFailure {
+                cause,
+                not_listening,
+            });
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// How a retryable failure counts: the I/O cause if the connection failed, the try's
+/// deadline if it ran out, else the replica's own message.
+fn classify(status: &Status, per_try: Duration) -> TryFailure {
+    if let Some(f) = io_cause(status) {
+        return f;
+    }
+    // tonic enforces the request's `grpc-timeout` itself, racing the try's own timer;
+    // either way the replica did not answer in time.
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return TryFailure {
+                cause: no_answer_within(per_try),
+                not_listening: false,
+            };
+        }
+        source = e.source();
+    }
+    TryFailure {
+        cause: if status.message().is_empty() {
+            status.code().description().to_string()
+        } else {
+            status.message().to_string()
+        },
+        not_listening: false,
+    }
+}
+
+fn no_answer_within(per_try: Duration) -> String {
+    format!("no answer within {}", seconds(per_try))
+}
+
+/// Describes a transport error for a message: its I/O cause if it has one.
+pub(crate) fn transport_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    io_cause(err).map_or_else(|| err.to_string(), |f| f.cause)
+}
+
+/// What one call learned from its tries, and whether going on can help. Pure: the caller
+/// passes the time since the call started, so the rule is tested without a network.
+///
+/// The rule: stop early only if, for `window`, every try found nothing listening and
+/// every endpoint was tried at least twice in that time. One replica answering (even
+/// UNAVAILABLE: an election) or timing out starts the count again, so a call keeps
+/// trying until its deadline while any replica may be alive.
+#[derive(Debug, Default)]
+struct CallHistory {
+    attempts: usize,
+    /// Each address tried, in the order first tried, with the cause of its last failure.
+    causes: Vec<EndpointFailure>,
+    /// The current run of tries that found nothing listening: when its first failed,
+    /// and how many tries each address had in it.
+    unreachable: Option<(Duration, HashMap<String, usize>)>,
+}
+
+/// How many tries at every endpoint, all refused, make "nothing is listening".
+const UNREACHABLE_ROUNDS: usize = 2;
+
+impl CallHistory {
+    /// A try at `addr` begins.
+    fn started(&mut self, addr: &str) {
+        self.attempts += 1;
+        if !self.causes.iter().any(|c| c.address == addr) {
+            // Replaced when the try fails; stays if the deadline cuts it short.
+            self.causes.push(EndpointFailure {
+                address: addr.to_string(),
+                cause: "no answer before the deadline".to_string(),
+            });
+        }
+    }
+
+    /// The try at `addr` failed `at` (time since the call started).
+    fn failed(&mut self, at: Duration, addr: &str, failure: TryFailure) {
+        match self.causes.iter_mut().find(|c| c.address == addr) {
+            Some(c) => c.cause = failure.cause,
+            None => self.causes.push(EndpointFailure {
+                address: addr.to_string(),
+                cause: failure.cause,
+            }),
+        }
+        if failure.not_listening {
+            let (_, tries) = self.unreachable.get_or_insert_with(|| (at, HashMap::new()));
+            *tries.entry(addr.to_string()).or_default() += 1;
+        } else {
+            self.unreachable = None;
+        }
+    }
+
+    /// Whether nothing listens at any of `endpoints`, judged `at` (time since the call
+    /// started) over `window`.
+    fn nothing_listening(&self, at: Duration, endpoints: &[String], window: Duration) -> bool {
+        let Some((since, tries)) = &self.unreachable else {
+            return false;
+        };
+        !endpoints.is_empty()
+            && at.saturating_sub(*since) >= window
+            && endpoints
+                .iter()
+                .all(|e| tries.get(e).copied().unwrap_or(0) >= UNREACHABLE_ROUNDS)
+    }
+}
+
+/// Why a try ended the retry loop, or may not.
+enum TryError {
+    /// The try failed; retried if [`retryable`].
+    Failed(Status),
+    /// The try failed and nothing listens anywhere: stop.
+    NothingListening(Status),
 }
 
 /// A client of a dispatcher cluster. Cheap to clone.
@@ -247,53 +456,70 @@ impl Client {
         Fut: Future<Output = Result<(T, Option<String>), Status>>,
     {
         let started = Instant::now();
-        let attempts = Mutex::new(0usize);
+        let tries = Mutex::new(CallHistory::default());
+        let history = || tries.lock().unwrap_or_else(|p| p.into_inner());
         let last = Mutex::new(Status::unavailable("no attempt made"));
         let per_try = self.config.per_try_timeout.min(self.config.timeout);
         let attempt = || async {
-            *attempts.lock().unwrap_or_else(|p| p.into_inner()) += 1;
             let addr = self
                 .choice()
                 .pick(&self.config.endpoints)
-                .ok_or_else(|| Status::invalid_argument("no endpoints given"))?;
+                .ok_or_else(|| TryError::Failed(Status::invalid_argument("no endpoints given")))?;
+            history().started(&addr);
             let channel = self
                 .channel(&addr)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                .map_err(|e| TryError::Failed(Status::invalid_argument(e.to_string())))?;
             let result = match tokio::time::timeout(per_try, op(channel, per_try)).await {
                 Ok(r) => r,
-                Err(_) => Err(Status::deadline_exceeded(format!(
-                    "{addr} did not answer within {per_try:?}"
-                ))),
+                Err(_) => Err(Status::deadline_exceeded(no_answer_within(per_try))),
             };
             match &result {
                 Ok((_, hint)) => self.choice().learn(&addr, Ok(hint.as_deref())),
                 Err(s) if retryable(s) => {
                     self.choice().learn(&addr, Err(s));
                     *last.lock().unwrap_or_else(|p| p.into_inner()) = s.clone();
+                    let at = started.elapsed();
+                    let mut h = history();
+                    h.failed(at, &addr, classify(s, per_try));
+                    let window = self.config.unreachable_timeout;
+                    if h.nothing_listening(at, &self.config.endpoints, window) {
+                        return Err(TryError::NothingListening(s.clone()));
+                    }
                 }
                 Err(_) => {}
             }
-            result
+            result.map_err(TryError::Failed)
         };
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.config.min_backoff)
             .with_max_delay(self.config.max_backoff)
             .with_jitter()
             .without_max_times();
-        let retried = attempt.retry(backoff).when(retryable);
-        match tokio::time::timeout(self.config.timeout, retried).await {
+        let retried = attempt
+            .retry(backoff)
+            .when(|e| matches!(e, TryError::Failed(s) if retryable(s)));
+        let outcome = tokio::time::timeout(self.config.timeout, retried).await;
+        let unavailable = |gave_up, last: Status| {
+            let h = history();
+            ClientError::Unavailable {
+                gave_up,
+                attempts: h.attempts,
+                elapsed: started.elapsed(),
+                endpoints: h.causes.clone(),
+                last,
+            }
+        };
+        match outcome {
             Ok(Ok((v, _))) => Ok(v),
-            Ok(Err(s)) if !retryable(&s) => Err(ClientError::Rejected(s)),
-            Ok(Err(s)) => Err(ClientError::Unavailable {
-                attempts: *attempts.lock().unwrap_or_else(|p| p.into_inner()),
-                elapsed: started.elapsed(),
-                last: s,
-            }),
-            Err(_) => Err(ClientError::Unavailable {
-                attempts: *attempts.lock().unwrap_or_else(|p| p.into_inner()),
-                elapsed: started.elapsed(),
-                last: last.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            }),
+            Ok(Err(TryError::Failed(s))) if !retryable(&s) => Err(ClientError::Rejected(s)),
+            // Not reached: with no limit on tries, a retryable failure ends the loop only
+            // through the deadline above.
+            Ok(Err(TryError::Failed(s))) => Err(unavailable(GaveUp::Deadline, s)),
+            Ok(Err(TryError::NothingListening(s))) => Err(unavailable(GaveUp::NothingListening, s)),
+            Err(_) => {
+                let last = last.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                Err(unavailable(GaveUp::Deadline, last))
+            }
         }
     }
 

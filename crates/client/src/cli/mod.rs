@@ -22,7 +22,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-use crate::client::{Client, ClientConfig, ClientError};
+use crate::client::{transport_cause, Client, ClientConfig, ClientError};
 use dispatcher_core::state::JobState;
 use dispatcher_proto::convert;
 use dispatcher_proto::v1 as pb;
@@ -43,6 +43,10 @@ pub mod exit {
     /// A watched job ended FAILED or CANCELED.
     pub const JOB_FAILED: u8 = 6;
 }
+
+/// The `--timeout` values accepted, in seconds: a call needs at least a second to find a
+/// leader, and an hour outlasts any election.
+pub const TIMEOUT_SECS: std::ops::RangeInclusive<u64> = 1..=3600;
 
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -73,8 +77,14 @@ pub struct Cli {
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Format::Table, global = true)]
     pub output: Format,
-    /// Deadline of each call, retries included, in seconds.
-    #[arg(long, default_value_t = 15, global = true)]
+    /// Deadline of each call, retries included, in seconds (1 to 3600).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 15,
+        global = true,
+        value_parser = clap::value_parser!(u64).range(TIMEOUT_SECS)
+    )]
     pub timeout: u64,
     /// What to do.
     #[command(subcommand)]
@@ -253,15 +263,10 @@ async fn execute(cli: Cli) -> Result<u8, Failure> {
         return Ok(exit::OK);
     }
     if let Cmd::Health { service } = &cli.command {
-        return health(
-            &cli.endpoints[0],
-            service,
-            Duration::from_secs(cli.timeout.max(1)),
-        )
-        .await;
+        return health(&cli.endpoints[0], service, Duration::from_secs(cli.timeout)).await;
     }
     let mut config = ClientConfig::new(cli.endpoints.clone());
-    config.timeout = Duration::from_secs(cli.timeout.max(1));
+    config.timeout = Duration::from_secs(cli.timeout);
     let client = Client::new(config)?;
     match cli.command {
         Cmd::Job(cmd) => job(&client, &out, cmd).await,
@@ -285,7 +290,10 @@ async fn health(endpoint: &str, service: &str, timeout: Duration) -> Result<u8, 
         .timeout(timeout)
         .connect()
         .await
-        .map_err(|e| failure(exit::UNAVAILABLE, format!("{endpoint}: {e}")))?;
+        .map_err(|e| {
+            let cause = transport_cause(&e);
+            failure(exit::UNAVAILABLE, format!("{endpoint}: {cause}"))
+        })?;
     let resp = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.to_string(),
@@ -369,19 +377,21 @@ async fn job(client: &Client, out: &Output, cmd: JobCmd) -> Result<u8, Failure> 
         }
         JobCmd::Watch { id } => {
             let mut events = client.watch_job(&id);
-            let mut last = None;
+            let mut last: Option<pb::JobStatus> = None;
             while let Some(ev) = events.next().await {
                 let ev = ev?;
-                if let Some(job) = &ev.job {
-                    out.event(&ev, job);
-                    last = Some(job.state);
+                if let Some(job) = ev.job.clone() {
+                    out.event(&ev, &job, last.as_ref());
+                    last = Some(job);
                 }
             }
-            Ok(match last.and_then(|s| pb::JobState::try_from(s).ok()) {
-                Some(pb::JobState::Finished) => exit::OK,
-                Some(pb::JobState::Failed | pb::JobState::Canceled) => exit::JOB_FAILED,
-                _ => exit::UNAVAILABLE,
-            })
+            Ok(
+                match last.and_then(|j| pb::JobState::try_from(j.state).ok()) {
+                    Some(pb::JobState::Finished) => exit::OK,
+                    Some(pb::JobState::Failed | pb::JobState::Canceled) => exit::JOB_FAILED,
+                    _ => exit::UNAVAILABLE,
+                },
+            )
         }
     }
 }
@@ -425,5 +435,30 @@ async fn cluster(client: &Client, out: &Output, cmd: ClusterCmd) -> Result<u8, F
             out.saved(&file, &backup);
             Ok(exit::OK)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(timeout: &str) -> Result<Cli, clap::Error> {
+        let flag = format!("--timeout={timeout}");
+        Cli::try_parse_from(["dispatchctl", flag.as_str(), "cluster", "status"])
+    }
+
+    #[test]
+    fn the_timeout_is_refused_outside_its_documented_bounds() {
+        for ok in ["1", "15", "3600"] {
+            assert!(parse(ok).is_ok(), "--timeout {ok}");
+        }
+        for bad in ["0", "3601", "-1", "1.5"] {
+            match parse(bad) {
+                Ok(cli) => panic!("--timeout {bad} accepted as {}", cli.timeout),
+                Err(e) => assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{bad}"),
+            }
+        }
+        let message = parse("0").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("1..=3600"), "{message}");
     }
 }

@@ -48,6 +48,26 @@ fn role(raw: i32) -> &'static str {
     }
 }
 
+/// The failure a job's status shows: its last failure, only while the job fails or
+/// restarts because of it. The reason stays recorded after a restart brought the job back
+/// to RUNNING, and after it finished or was canceled; shown then, it would read as a
+/// current fault.
+pub fn current_failure(j: &pb::JobStatus) -> Option<&str> {
+    let failing = matches!(
+        pb::JobState::try_from(j.state),
+        Ok(pb::JobState::Failed | pb::JobState::Failing | pb::JobState::Restarting)
+    );
+    (failing && !j.failure_reason.is_empty()).then_some(j.failure_reason.as_str())
+}
+
+/// The failure a `job watch` line shows: the current failure, on the first event that
+/// carries it (the job started failing, or failed for another reason), so that each
+/// failure prints once rather than on every later line.
+pub fn new_failure<'a>(previous: Option<&pb::JobStatus>, j: &'a pb::JobStatus) -> Option<&'a str> {
+    let now = current_failure(j)?;
+    (previous.and_then(current_failure) != Some(now)).then_some(now)
+}
+
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(NOTHING)
@@ -145,8 +165,8 @@ impl Output {
                 println!("state:     {}", job_state(j.state));
                 println!("priority:  {}", j.priority);
                 println!("restarts:  {}", j.restarts);
-                if !j.failure_reason.is_empty() {
-                    println!("failure:   {}", j.failure_reason);
+                if let Some(failure) = current_failure(j) {
+                    println!("failure:   {failure}");
                 }
                 if let Some(c) = &j.checkpoints {
                     if let Some(last) = c.completed.last() {
@@ -193,8 +213,8 @@ impl Output {
         }
     }
 
-    /// One WatchJob event.
-    pub fn event(&self, ev: &pb::JobEvent, j: &pb::JobStatus) {
+    /// One WatchJob event; `previous` is the status the last event printed.
+    pub fn event(&self, ev: &pb::JobEvent, j: &pb::JobStatus, previous: Option<&pb::JobStatus>) {
         let running = j
             .tasks
             .iter()
@@ -208,11 +228,9 @@ impl Output {
                 running,
                 j.tasks.len(),
                 j.restarts,
-                if j.failure_reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", j.failure_reason)
-                }
+                new_failure(previous, j)
+                    .map(|f| format!(" ({f})"))
+                    .unwrap_or_default()
             ),
             Format::Json => println!(
                 "{}",
@@ -355,5 +373,82 @@ impl Output {
                     .collect(),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(state: pb::JobState, failure: &str) -> pb::JobStatus {
+        pb::JobStatus {
+            state: state as i32,
+            failure_reason: failure.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_failure_shows_only_while_the_job_fails_or_restarts_because_of_it() {
+        use pb::JobState::*;
+        let cases = [
+            (Failed, true),
+            (Failing, true),
+            (Restarting, true),
+            // Recovered by a restart, or ended otherwise: the old reason is history.
+            (Running, false),
+            (Finished, false),
+            (Canceled, false),
+            (Cancelling, false),
+            (Created, false),
+        ];
+        for (state, shown) in cases {
+            let j = job(state, "exit code 3");
+            let want = shown.then_some("exit code 3");
+            assert_eq!(current_failure(&j), want, "{state:?}");
+        }
+        assert_eq!(current_failure(&job(Failed, "")), None, "nothing to show");
+    }
+
+    #[test]
+    fn a_watch_prints_each_failure_once() {
+        use pb::JobState::*;
+        // A job that fails, restarts, runs, fails again for the same reason (a second
+        // failure), then fails for good.
+        let events = [
+            job(Running, ""),
+            job(Restarting, "exit code 3"),
+            job(Restarting, "exit code 3"),
+            job(Running, "exit code 3"),
+            job(Restarting, "exit code 3"),
+            job(Running, "exit code 3"),
+            job(Failing, "TaskManager tm-1 lost"),
+            job(Failed, "TaskManager tm-1 lost"),
+        ];
+        let mut previous: Option<&pb::JobStatus> = None;
+        let mut shown = Vec::new();
+        for j in &events {
+            shown.push(new_failure(previous, j));
+            previous = Some(j);
+        }
+        assert_eq!(
+            shown,
+            [
+                None,
+                Some("exit code 3"),
+                None,
+                None,
+                Some("exit code 3"),
+                None,
+                Some("TaskManager tm-1 lost"),
+                None,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_watch_that_attaches_to_a_failed_job_shows_why() {
+        let j = job(pb::JobState::Failed, "exit code 3");
+        assert_eq!(new_failure(None, &j), Some("exit code 3"));
     }
 }

@@ -218,10 +218,20 @@ async fn a_cluster_that_never_answers_is_unavailable_at_the_deadline() {
     let result: Result<(), _> = client
         .call(|_, _| async { Err(Status::unavailable("no leader")) })
         .await;
-    match result {
-        Err(ClientError::Unavailable { attempts, last, .. }) => {
-            assert!(attempts > 1, "retried: {attempts}");
+    match &result {
+        Err(ClientError::Unavailable {
+            gave_up,
+            attempts,
+            endpoints,
+            last,
+            ..
+        }) => {
+            assert_eq!(*gave_up, GaveUp::Deadline);
+            assert!(*attempts > 1, "retried: {attempts}");
             assert_eq!(last.message(), "no leader");
+            let named: Vec<&str> = endpoints.iter().map(|e| e.address.as_str()).collect();
+            assert_eq!(named, ["a:1", "b:2", "c:3"], "every replica tried is named");
+            assert!(endpoints.iter().all(|e| e.cause == "no leader"));
         }
         other => panic!("expected Unavailable, got {other:?}"),
     }
@@ -230,6 +240,287 @@ async fn a_cluster_that_never_answers_is_unavailable_at_the_deadline() {
         waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
         "gave up after {waited:?}"
     );
+    let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        message.starts_with("cluster unavailable after 0.")
+            && message.ends_with("a:1: no leader; b:2: no leader; c:3: no leader"),
+        "{message}"
+    );
+}
+
+fn refused(cause: &str) -> TryFailure {
+    TryFailure {
+        cause: cause.into(),
+        not_listening: true,
+    }
+}
+
+fn answered(cause: &str) -> TryFailure {
+    TryFailure {
+        cause: cause.into(),
+        not_listening: false,
+    }
+}
+
+const WINDOW: Duration = Duration::from_secs(1);
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+#[test]
+fn nothing_is_listening_once_every_endpoint_refused_twice_for_the_window() {
+    let eps = endpoints();
+    let mut h = CallHistory::default();
+    // Two full rounds, but within 100 ms: a replica may be restarting.
+    for (i, at) in [0, 20, 40, 60, 80, 100].into_iter().enumerate() {
+        h.failed(ms(at), &eps[i % 3], refused("connection refused"));
+    }
+    assert!(!h.nothing_listening(ms(100), &eps, WINDOW), "too soon");
+    // The window passed, but c:3 was tried once in it.
+    let mut once = CallHistory::default();
+    for (addr, at) in [("a:1", 0), ("b:2", 300), ("c:3", 600), ("a:1", 900)] {
+        once.failed(ms(at), addr, refused("connection refused"));
+    }
+    once.failed(ms(1200), "b:2", refused("connection refused"));
+    assert!(!once.nothing_listening(ms(1200), &eps, WINDOW), "c:3 once");
+    // Both: give up.
+    h.failed(ms(1000), "a:1", refused("connection refused"));
+    assert!(h.nothing_listening(ms(1000), &eps, WINDOW));
+}
+
+#[test]
+fn a_replica_that_answers_or_hangs_means_an_election_may_be_running() {
+    let eps = endpoints();
+    for other in [
+        answered("no leader is known yet"),
+        answered("connect timed out"),
+    ] {
+        let mut h = CallHistory::default();
+        for (i, at) in (0..12u64).map(|i| (i, i * 200)) {
+            let addr = &eps[i as usize % 3];
+            // b:2 is up (answering UNAVAILABLE, or not answering); a:1 and c:3 are down.
+            let failure = if addr == "b:2" {
+                other.clone()
+            } else {
+                refused("connection refused")
+            };
+            h.failed(ms(at), addr, failure);
+            assert!(
+                !h.nothing_listening(ms(at), &eps, WINDOW),
+                "{other:?} at {at} ms"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_count_starts_again_after_any_answer() {
+    let eps = endpoints();
+    let mut h = CallHistory::default();
+    for (i, at) in [0, 100, 200, 300, 400, 500].into_iter().enumerate() {
+        h.failed(ms(at), &eps[i % 3], refused("connection refused"));
+    }
+    h.failed(ms(600), "a:1", answered("not leader"));
+    // The cluster went away after answering: a fresh window from its first refusal.
+    for (i, at) in [700, 800, 900, 1000, 1100, 1200].into_iter().enumerate() {
+        h.failed(ms(at), &eps[i % 3], refused("connection refused"));
+    }
+    assert!(!h.nothing_listening(ms(1200), &eps, WINDOW));
+    h.failed(ms(1700), "a:1", refused("connection refused"));
+    assert!(h.nothing_listening(ms(1700), &eps, WINDOW));
+}
+
+#[test]
+fn each_address_is_reported_once_with_its_last_cause_in_the_order_first_tried() {
+    let mut h = CallHistory::default();
+    for addr in ["b:2", "a:1", "b:2", "hinted:9"] {
+        h.started(addr);
+    }
+    h.failed(ms(0), "b:2", answered("no leader is known yet"));
+    h.failed(ms(10), "a:1", refused("connection refused"));
+    h.failed(ms(20), "b:2", refused("connection refused"));
+    let got: Vec<(&str, &str)> = h
+        .causes
+        .iter()
+        .map(|c| (c.address.as_str(), c.cause.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("b:2", "connection refused"),
+            ("a:1", "connection refused"),
+            // Its try was still running when the deadline came.
+            ("hinted:9", "no answer before the deadline"),
+        ]
+    );
+    assert_eq!(h.attempts, 4);
+}
+
+#[test]
+fn the_error_names_each_address_with_its_cause_and_the_time_in_milliseconds() {
+    let endpoints = vec![
+        EndpointFailure {
+            address: "127.0.0.1:7001".into(),
+            cause: "no leader is known yet".into(),
+        },
+        EndpointFailure {
+            address: "127.0.0.1:7002".into(),
+            cause: "connection refused".into(),
+        },
+    ];
+    let e = ClientError::Unavailable {
+        gave_up: GaveUp::Deadline,
+        attempts: 42,
+        elapsed: Duration::from_nanos(15_001_683_480),
+        endpoints,
+        last: Status::unavailable("tcp connect error"),
+    };
+    assert_eq!(
+        e.to_string(),
+        "cluster unavailable after 15.002s (42 attempts): 127.0.0.1:7001: no leader is known \
+         yet; 127.0.0.1:7002: connection refused"
+    );
+    let e = ClientError::Unavailable {
+        gave_up: GaveUp::NothingListening,
+        attempts: 1,
+        elapsed: Duration::from_micros(1_049_600),
+        endpoints: vec![EndpointFailure {
+            address: "127.0.0.1:9999".into(),
+            cause: "connection refused".into(),
+        }],
+        last: Status::unavailable("tcp connect error"),
+    };
+    assert_eq!(
+        e.to_string(),
+        "no replica reachable after 1.050s (1 attempt): 127.0.0.1:9999: connection refused"
+    );
+    assert_eq!(e.code(), Some(Code::Unavailable), "still exit 5 in the CLI");
+}
+
+/// An address where nothing listens: bound, then released.
+fn closed_address() -> String {
+    let listener = match std::net::TcpListener::bind("127.0.0.1:0") {
+        Ok(l) => l,
+        Err(e) => panic!("bind: {e}"),
+    };
+    match listener.local_addr() {
+        Ok(a) => a.to_string(),
+        Err(e) => panic!("local_addr: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_recognised_through_tonic() {
+    let client = quick_client();
+    let channel = match client.channel(&closed_address()) {
+        Ok(c) => c,
+        Err(e) => panic!("channel: {e}"),
+    };
+    let status = match ClusterServiceClient::new(channel)
+        .status(pb::StatusRequest { local_only: true })
+        .await
+    {
+        Ok(_) => panic!("nothing listens there"),
+        Err(s) => s,
+    };
+    assert!(retryable(&status), "{status:?}");
+    assert_eq!(classify(&status, TRY), refused("connection refused"));
+}
+
+const TRY: Duration = Duration::from_secs(3);
+
+#[test]
+fn a_replica_refusal_is_described_by_its_own_message() {
+    assert_eq!(
+        classify(&Status::unavailable("no leader is known yet"), TRY),
+        answered("no leader is known yet")
+    );
+    assert_eq!(
+        classify(&Status::new(Code::Unknown, ""), TRY),
+        answered(Code::Unknown.description())
+    );
+}
+
+#[test]
+fn a_try_cut_short_by_its_grpc_timeout_says_so_like_one_cut_by_the_client() {
+    // What tonic returns when the request's own `grpc-timeout` runs out first.
+    let status = Status::from_error(Box::new(tonic::TimeoutExpired(())));
+    assert!(retryable(&status), "{status:?}");
+    assert_eq!(classify(&status, TRY), answered("no answer within 3.000s"));
+}
+
+#[tokio::test]
+async fn a_call_where_nothing_listens_gives_up_long_before_its_deadline() {
+    let (a, b) = (closed_address(), closed_address());
+    let mut config = ClientConfig::new(vec![a.clone(), b.clone()]);
+    config.timeout = Duration::from_secs(30);
+    config.unreachable_timeout = Duration::from_millis(200);
+    config.min_backoff = Duration::from_millis(1);
+    config.max_backoff = Duration::from_millis(20);
+    let client = match Client::new(config) {
+        Ok(c) => c,
+        Err(e) => panic!("client: {e}"),
+    };
+    let started = Instant::now();
+    let result = client.cluster_status().await;
+    let waited = started.elapsed();
+    match &result {
+        Err(ClientError::Unavailable {
+            gave_up, endpoints, ..
+        }) => {
+            assert_eq!(*gave_up, GaveUp::NothingListening);
+            assert_eq!(
+                *endpoints,
+                [a, b].map(|address| EndpointFailure {
+                    address,
+                    cause: "connection refused".into()
+                })
+            );
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(10),
+        "gave up after {waited:?}"
+    );
+}
+
+/// Something accepts TCP but never speaks HTTP/2: like a replica that hangs.
+#[tokio::test]
+async fn a_call_keeps_trying_until_its_deadline_while_any_endpoint_accepts() {
+    let silent = match std::net::TcpListener::bind("127.0.0.1:0") {
+        Ok(l) => l,
+        Err(e) => panic!("bind: {e}"),
+    };
+    let silent_addr = match silent.local_addr() {
+        Ok(a) => a.to_string(),
+        Err(e) => panic!("local_addr: {e}"),
+    };
+    let mut config = ClientConfig::new(vec![closed_address(), silent_addr]);
+    config.timeout = Duration::from_millis(1500);
+    config.per_try_timeout = Duration::from_millis(100);
+    config.unreachable_timeout = Duration::from_millis(200);
+    config.min_backoff = Duration::from_millis(1);
+    config.max_backoff = Duration::from_millis(20);
+    let client = match Client::new(config) {
+        Ok(c) => c,
+        Err(e) => panic!("client: {e}"),
+    };
+    let started = Instant::now();
+    let result = client.cluster_status().await;
+    assert!(
+        matches!(
+            &result,
+            Err(ClientError::Unavailable {
+                gave_up: GaveUp::Deadline,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    drop(silent);
 }
 
 #[test]

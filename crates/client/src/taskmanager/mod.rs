@@ -414,6 +414,9 @@ pub async fn run(
     let mut client_config = ClientConfig::new(config.dispatchers.clone());
     client_config.timeout = Duration::from_secs(3);
     client_config.per_try_timeout = Duration::from_secs(1);
+    // The agent retries every failed call on its own schedule; giving up before the
+    // deadline when no dispatcher listens would only make it retry and log more often.
+    client_config.unreachable_timeout = client_config.timeout;
     let client = Client::new(client_config)?;
     let (exits_tx, mut exits) = mpsc::unbounded_channel();
     let mut agent = Agent {
