@@ -224,6 +224,46 @@ async fn watch_streams_changes_until_the_job_is_terminal() {
     );
 }
 
+/// "Why is my job waiting?": the example GPU job under a TaskManager without a GPU says
+/// why in `job status` and `job list`, and stops saying it once a GPU TaskManager joins
+/// and the job is placed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_no_task_manager_can_host_says_why_it_waits() {
+    let (mut c, _, _) = ProcCluster::start_elected(3, T).await;
+    c.start_tm("tm-1", 4, &["--label", "rack=r1"]);
+    let endpoints = c.endpoints().join(",");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/gpu-only.json");
+    let (code, out, err) = ctl(&endpoints, &["job", "submit", example]);
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim().to_string();
+    let reason = "vertex 'trainer' needs 2 slots with gpu=true; 0 TaskManagers match";
+    // Before tm-1 registers, the reason is that no TaskManager is registered at all.
+    let status = dispatcher_testkit::wait_for(T, "job status names the selector", || async {
+        let (code, out, _) = ctl(&endpoints, &["job", "status", &id]);
+        (code == 0 && out.contains(&format!("pending:   {reason}\n"))).then_some(out)
+    })
+    .await;
+    assert!(status.contains("CREATED"), "{status}");
+    let (code, list, err) = ctl(&endpoints, &["job", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        list.lines().any(|l| l.contains(&id) && l.contains(reason)),
+        "{list}"
+    );
+    let (code, json, err) = ctl(&endpoints, &["-o", "json", "job", "list"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json list");
+    assert_eq!(v[0]["pending_reason"], reason);
+
+    c.start_tm("tm-gpu", 2, &["--label", "gpu=true"]);
+    let placed = dispatcher_testkit::wait_for(T, "the job is placed on tm-gpu", || async {
+        let (code, out, _) = ctl(&endpoints, &["job", "status", &id]);
+        (code == 0 && out.contains("RUNNING")).then_some(out)
+    })
+    .await;
+    assert!(!placed.contains("pending:"), "{placed}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_submission_in_flight_while_the_leader_is_killed_succeeds_exactly_once() {
     let mut c = ProcCluster::start(3);

@@ -6,8 +6,8 @@
 
 use crate::v1 as pb;
 use dispatcher_core::state::{
-    Assignment, EdgeSpec, Job, JobId, JobSpec, JobState, PlacementStrategy, Rejection,
-    RestartStrategy, TaskSpec, TaskState, VertexSpec,
+    Assignment, EdgeSpec, Job, JobId, JobSpec, JobState, PendingReason, PlacementStrategy,
+    Rejection, RestartStrategy, TaskSpec, TaskState, VertexSpec,
 };
 
 /// Parses a job id field.
@@ -223,8 +223,8 @@ pub fn task_state_from_pb(field: &str, raw: i32) -> Result<TaskState, Rejection>
     })
 }
 
-/// The full status of a job.
-pub fn job_status(job: &Job) -> pb::JobStatus {
+/// The full status of a job, with why it waits for slots (`None` if it does not).
+pub fn job_status(job: &Job, pending: Option<&PendingReason>) -> pb::JobStatus {
     pb::JobStatus {
         job_id: job.id.to_string(),
         name: job.spec.name.clone(),
@@ -275,11 +275,12 @@ pub fn job_status(job: &Job) -> pb::JobStatus {
                 })
                 .collect(),
         }),
+        pending_reason: pending.map(ToString::to_string).unwrap_or_default(),
     }
 }
 
-/// The one-line summary of a job.
-pub fn job_summary(job: &Job) -> pb::JobSummary {
+/// The one-line summary of a job, with why it waits for slots (`None` if it does not).
+pub fn job_summary(job: &Job, pending: Option<&PendingReason>) -> pb::JobSummary {
     pb::JobSummary {
         job_id: job.id.to_string(),
         name: job.spec.name.clone(),
@@ -292,6 +293,7 @@ pub fn job_summary(job: &Job) -> pb::JobSummary {
             .filter(|t| t.state == TaskState::Running)
             .count() as u32,
         restarts: job.restarts,
+        pending_reason: pending.map(ToString::to_string).unwrap_or_default(),
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::raft::sm_store::SharedState;
-use dispatcher_core::state::JobId;
+use dispatcher_core::state::{DispatcherState, JobId};
 use dispatcher_proto::convert;
 use dispatcher_proto::v1 as pb;
 
@@ -62,6 +62,13 @@ pub fn is_terminal(s: &pb::JobStatus) -> bool {
     )
 }
 
+/// The job's status as GetJob and WatchJob show it: with why it waits for slots, which
+/// is derived from the whole state, so a watcher also sees the reason change.
+pub fn job_status(state: &DispatcherState, id: &JobId) -> Option<pb::JobStatus> {
+    let job = state.job(id)?;
+    Some(convert::job_status(job, state.pending_reason(id).as_ref()))
+}
+
 /// The job's status and the index it reflects, read under one lock so that no change
 /// applied in between can be missed; waits up to [`JOB_APPEAR_WAIT`] for the job to
 /// appear. `None` if it did not.
@@ -76,7 +83,7 @@ pub async fn first(
         let (status, index) = {
             let g = shared.read();
             (
-                g.state.job(id).map(convert::job_status),
+                job_status(&g.state, id),
                 g.last_applied.map_or(0, |l| l.index),
             )
         };
@@ -123,7 +130,7 @@ pub fn spawn(
                 return;
             }
             let index = *applied.borrow_and_update();
-            let current = shared.read().state.job(&id).map(convert::job_status);
+            let current = job_status(&shared.read().state, &id);
             match step(&last, current, index) {
                 Step::Quiet => {}
                 Step::Send(event) => {
@@ -168,6 +175,63 @@ mod tests {
                 applied_index: 8
             }))
         );
+    }
+
+    #[test]
+    fn a_watcher_sees_why_the_job_waits_and_the_reason_clearing_when_it_is_placed() {
+        use dispatcher_core::state::{ClusterConfig, Command, JobSpec, TaskManagerSpec, TaskSpec};
+        let mut state = DispatcherState::new(ClusterConfig::default());
+        let tm = |id: &str, labels: &[(&str, &str)]| Command::RegisterTaskManager {
+            spec: TaskManagerSpec {
+                id: id.into(),
+                instance: "i1".into(),
+                address: String::new(),
+                slots: 2,
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).into(), (*v).into()))
+                    .collect(),
+            },
+            now: 1,
+        };
+        let id = JobId::parse("00000000-0000-4000-8000-000000000001").expect("uuid");
+        let mut spec =
+            JobSpec::single_vertex("gpu", "trainer", 2, TaskSpec::Sleep { duration_ms: 1000 });
+        spec.vertices[0]
+            .node_selector
+            .insert("gpu".into(), "true".into());
+        state
+            .apply(Command::SubmitJob {
+                job_id: id.clone(),
+                spec,
+                now: 2,
+            })
+            .expect("submit");
+        let first = job_status(&state, &id).expect("job");
+        assert_eq!(
+            first.pending_reason,
+            "needs 2 slots; no TaskManager is registered"
+        );
+        // Only the reason changes: still a change the watcher is sent.
+        state.apply(tm("tm-1", &[])).expect("register");
+        let Step::Send(event) = step(&first, job_status(&state, &id), 4) else {
+            panic!("a new pending reason is sent");
+        };
+        let waiting = event.job.expect("status");
+        assert_eq!(waiting.state, pb::JobState::Created as i32);
+        assert_eq!(
+            waiting.pending_reason,
+            "vertex 'trainer' needs 2 slots with gpu=true; 0 TaskManagers match"
+        );
+        state
+            .apply(tm("tm-gpu", &[("gpu", "true")]))
+            .expect("register");
+        let Step::Send(event) = step(&waiting, job_status(&state, &id), 5) else {
+            panic!("placing the job is a change the watcher sees");
+        };
+        let placed = event.job.expect("status");
+        assert_eq!(placed.state, pb::JobState::Running as i32);
+        assert_eq!(placed.pending_reason, "");
     }
 
     #[test]

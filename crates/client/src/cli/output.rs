@@ -100,6 +100,7 @@ fn job_json(j: &pb::JobStatus) -> Value {
         "restarts": j.restarts,
         "restart_due_at_ms": (j.restart_due_at_ms > 0).then_some(j.restart_due_at_ms),
         "failure": j.failure_reason,
+        "pending_reason": j.pending_reason,
         "tasks": j.tasks.iter().map(task_json).collect::<Vec<_>>(),
         "checkpoints": j.checkpoints.as_ref().map(|c| json!({
             "next_id": c.next_checkpoint_id,
@@ -129,7 +130,9 @@ impl Output {
     pub fn jobs(&self, jobs: &[pb::JobSummary]) {
         match self.format {
             Format::Table => {
-                let mut t = table(&["JOB ID", "NAME", "STATE", "TASKS", "RUNNING", "RESTARTS"]);
+                let mut t = table(&[
+                    "JOB ID", "NAME", "STATE", "TASKS", "RUNNING", "RESTARTS", "PENDING",
+                ]);
                 for j in jobs {
                     t.add_row(vec![
                         j.job_id.clone(),
@@ -138,6 +141,7 @@ impl Output {
                         j.task_count.to_string(),
                         j.running_tasks.to_string(),
                         j.restarts.to_string(),
+                        j.pending_reason.clone(),
                     ]);
                 }
                 println!("{t}");
@@ -149,6 +153,7 @@ impl Output {
                             "job_id": j.job_id, "name": j.name, "state": job_state(j.state),
                             "submitted_at_ms": j.submitted_at_ms, "tasks": j.task_count,
                             "running_tasks": j.running_tasks, "restarts": j.restarts,
+                            "pending_reason": j.pending_reason,
                         })
                     })
                     .collect(),
@@ -163,6 +168,9 @@ impl Output {
                 println!("job:       {}", j.job_id);
                 println!("name:      {}", j.name);
                 println!("state:     {}", job_state(j.state));
+                if !j.pending_reason.is_empty() {
+                    println!("pending:   {}", j.pending_reason);
+                }
                 println!("priority:  {}", j.priority);
                 println!("restarts:  {}", j.restarts);
                 if let Some(failure) = current_failure(j) {
@@ -222,7 +230,7 @@ impl Output {
             .count();
         match self.format {
             Format::Table => println!(
-                "{} {:<10} tasks running {}/{} restarts {}{}",
+                "{} {:<10} tasks running {}/{} restarts {}{}{}",
                 j.updated_at_ms,
                 job_state(j.state),
                 running,
@@ -230,7 +238,13 @@ impl Output {
                 j.restarts,
                 new_failure(previous, j)
                     .map(|f| format!(" ({f})"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                // A watch also reports a change of the reason alone.
+                if j.pending_reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" pending: {}", j.pending_reason)
+                }
             ),
             Format::Json => println!(
                 "{}",

@@ -19,7 +19,7 @@ mod tests;
 pub use command::{
     ClusterConfig, Command, Counters, Rejection, ReportOutcome, Response, TaskReport,
 };
-pub use machine::{Assignment, DispatcherState};
-pub use placement::SlotIndex;
+pub use machine::{Assignment, DispatcherState, PendingReason, PendingReasons};
+pub use placement::{Capacity, SlotIndex};
 pub use types::*;
 pub use validate::{validate_cluster_config, validate_job_spec, validate_task_manager};

@@ -11,6 +11,20 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::types::{PlacementStrategy, TaskManager, TaskManagerId};
 
+/// What a set of TaskManagers holds: how many there are, their slots, and how many of
+/// those are free.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capacity {
+    /// Number of TaskManagers.
+    pub task_managers: u64,
+    /// Their slots.
+    pub slots: u64,
+    /// Their free slots.
+    pub free: u64,
+    /// Number of them with at least one free slot.
+    pub with_free: u64,
+}
+
 /// Free-slot indexes over the registered TaskManagers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SlotIndex {
@@ -101,23 +115,9 @@ impl SlotIndex {
         if selector.is_empty() {
             return self.pick_any(strategy, cursor);
         }
-        // Candidates: the TaskManagers carrying the rarest selected label, filtered by the
-        // other labels and by free capacity.
-        let mut rarest: Option<&BTreeSet<TaskManagerId>> = None;
-        for (k, v) in selector {
-            let set = self.by_label.get(&(k.clone(), v.clone()))?;
-            if rarest.is_none_or(|r| set.len() < r.len()) {
-                rarest = Some(set);
-            }
-        }
-        let candidates = rarest?.iter().filter(|id| {
-            self.free_of(id) > 0
-                && task_managers.get(*id).is_some_and(|tm| {
-                    selector
-                        .iter()
-                        .all(|(k, v)| tm.spec.labels.get(k) == Some(v))
-                })
-        });
+        let candidates = self
+            .matching(selector, task_managers)
+            .filter(|id| self.free_of(id) > 0);
         match strategy {
             // Ties go to the lowest id: `candidates` iterates in id order and only a
             // strictly better candidate replaces the current choice.
@@ -145,6 +145,59 @@ impl SlotIndex {
                 after.or(all.first()).map(|id| (*id).clone())
             }
         }
+    }
+
+    /// What the TaskManagers matching a non-empty `selector` hold, for explaining why a
+    /// job waits. Costs one pass over the TaskManagers carrying the rarest selected label.
+    pub fn capacity(
+        &self,
+        selector: &BTreeMap<String, String>,
+        task_managers: &BTreeMap<TaskManagerId, TaskManager>,
+    ) -> Capacity {
+        let mut c = Capacity::default();
+        for id in self.matching(selector, task_managers) {
+            let free = u64::from(self.free_of(id));
+            c.task_managers += 1;
+            c.slots += task_managers
+                .get(id)
+                .map_or(0, |tm| u64::from(tm.spec.slots));
+            c.free += free;
+            c.with_free += u64::from(free > 0);
+        }
+        c
+    }
+
+    /// Number of TaskManagers with at least one free slot.
+    pub fn with_free_count(&self) -> usize {
+        self.with_free.len()
+    }
+
+    /// The TaskManagers carrying every label of a non-empty `selector`, in id order
+    /// (none for an empty one). Only those carrying the rarest selected label are
+    /// looked at, so a selector for a rare label stays cheap on a large cluster.
+    fn matching<'a>(
+        &'a self,
+        selector: &'a BTreeMap<String, String>,
+        task_managers: &'a BTreeMap<TaskManagerId, TaskManager>,
+    ) -> impl Iterator<Item = &'a TaskManagerId> + 'a {
+        // A label that no TaskManager carries leaves no candidate at all.
+        let rarest = selector
+            .iter()
+            .try_fold(None, |rarest: Option<&BTreeSet<TaskManagerId>>, (k, v)| {
+                let set = self.by_label.get(&(k.clone(), v.clone()))?;
+                Some(Some(match rarest {
+                    Some(r) if r.len() <= set.len() => r,
+                    _ => set,
+                }))
+            })
+            .flatten();
+        rarest.into_iter().flatten().filter(move |id| {
+            task_managers.get(*id).is_some_and(|tm| {
+                selector
+                    .iter()
+                    .all(|(k, v)| tm.spec.labels.get(k) == Some(v))
+            })
+        })
     }
 
     fn pick_any(
@@ -261,6 +314,30 @@ mod tests {
             index.pick(PlacementStrategy::BinPack, None, &unknown, &map),
             None
         );
+    }
+
+    #[test]
+    fn capacity_counts_only_task_managers_with_every_selected_label() {
+        let tms = [
+            tm("a", 2, &[("rack", "r1"), ("disk", "ssd")]),
+            tm("b", 3, &[("rack", "r1")]),
+            tm("c", 4, &[("rack", "r1"), ("disk", "ssd")]),
+        ];
+        let (index, map) = cluster(&tms, &[0, 3, 1]);
+        let sel: BTreeMap<String, String> =
+            [("rack".into(), "r1".into()), ("disk".into(), "ssd".into())].into();
+        assert_eq!(
+            index.capacity(&sel, &map),
+            Capacity {
+                task_managers: 2,
+                slots: 6,
+                free: 1,
+                with_free: 1
+            }
+        );
+        let unknown: BTreeMap<String, String> = [("gpu".into(), "true".into())].into();
+        assert_eq!(index.capacity(&unknown, &map), Capacity::default());
+        assert_eq!(index.with_free_count(), 2);
     }
 
     #[test]

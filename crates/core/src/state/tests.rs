@@ -826,3 +826,237 @@ fn attempts_of_a_winding_down_job_are_listed_to_stop_not_to_run() {
     assert_eq!(w.job(&id).state, JobState::Canceled);
     assert!(w.state.stopping(&t.id).is_empty());
 }
+
+/// The pending reason of a job as users read it; the listing query must agree with the
+/// one-job query.
+fn pending(w: &World, id: &JobId) -> Option<String> {
+    let one = w.state.pending_reason(id);
+    assert_eq!(
+        w.state.pending_reasons().of(id),
+        one,
+        "listing and status agree"
+    );
+    one.map(|r| r.to_string())
+}
+
+fn with_selector(mut s: JobSpec, vertex: usize, labels: &[(&str, &str)]) -> JobSpec {
+    for (k, v) in labels {
+        s.vertices[vertex]
+            .node_selector
+            .insert((*k).into(), (*v).into());
+    }
+    s
+}
+
+fn labelled(id: &str, slots: u32, labels: &[(&str, &str)]) -> TaskManagerSpec {
+    let mut t = tm(id, slots);
+    for (k, v) in labels {
+        t.labels.insert((*k).into(), (*v).into());
+    }
+    t
+}
+
+#[test]
+fn a_job_whose_node_selector_no_task_manager_matches_says_so_until_one_joins() {
+    let mut w = World::new();
+    let id = job_id(1);
+    let gpu = with_selector(
+        spec("train", &[2], RestartStrategy::NoRestart),
+        0,
+        &[("gpu", "true")],
+    );
+    w.submit(&id, gpu);
+    assert_eq!(
+        pending(&w, &id).as_deref(),
+        Some("needs 2 slots; no TaskManager is registered")
+    );
+    // A TaskManager carrying only some of the selected labels does not match.
+    w.register(labelled("tm-1", 4, &[("rack", "r1")]));
+    w.register(labelled("tm-2", 4, &[("gpu", "false")]));
+    assert_eq!(
+        pending(&w, &id).as_deref(),
+        Some("vertex 'v0' needs 2 slots with gpu=true; 0 TaskManagers match")
+    );
+    w.register(labelled("tm-3", 1, &[("gpu", "true")]));
+    assert_eq!(
+        pending(&w, &id).as_deref(),
+        Some("vertex 'v0' needs 2 slots with gpu=true; 1 TaskManager matches, with 1 slot")
+    );
+    w.register(labelled("tm-4", 1, &[("gpu", "true")]));
+    assert_eq!(w.job(&id).state, JobState::Running);
+    assert_eq!(pending(&w, &id), None, "a placed job waits for nothing");
+}
+
+#[test]
+fn vertices_sharing_a_selector_are_counted_together_and_a_job_bigger_than_the_cluster_says_so() {
+    let mut w = World::new();
+    w.register(labelled("tm-gpu", 3, &[("gpu", "true")]));
+    w.register(tm("tm-cpu", 4));
+    // Each vertex alone fits on tm-gpu; together they do not.
+    let both = job_id(1);
+    let mut s = spec("pair", &[2, 2, 1], RestartStrategy::NoRestart);
+    s = with_selector(s, 0, &[("gpu", "true")]);
+    s = with_selector(s, 1, &[("gpu", "true")]);
+    w.submit(&both, s);
+    assert_eq!(
+        pending(&w, &both).as_deref(),
+        Some(
+            "vertices 'v0' and 'v1' need 4 slots with gpu=true; \
+             1 TaskManager matches, with 3 slots"
+        )
+    );
+    let big = job_id(2);
+    w.submit(&big, spec("big", &[8], RestartStrategy::NoRestart));
+    assert_eq!(
+        pending(&w, &big).as_deref(),
+        Some("needs 8 slots; the cluster has 7 on 2 TaskManagers")
+    );
+}
+
+#[test]
+fn a_job_waiting_for_free_slots_counts_them_and_the_jobs_tried_before_it() {
+    let mut w = World::new();
+    let tms: Vec<_> = (1..=3).map(|i| tm(&format!("tm-{i}"), 4)).collect();
+    for t in &tms {
+        w.register(t.clone());
+    }
+    let hog = job_id(1);
+    let mut h = spec("hog", &[9], RestartStrategy::NoRestart);
+    h.placement = Some(PlacementStrategy::BinPack);
+    w.submit(&hog, h);
+    assert_eq!(w.job(&hog).state, JobState::Running);
+    // Queue: `low` (priority -1, first), `mine`, then `high` (priority 5, last).
+    let (low, mine, high) = (job_id(2), job_id(3), job_id(4));
+    let mut l = spec("low", &[8], RestartStrategy::NoRestart);
+    l.priority = -1;
+    w.submit(&low, l);
+    w.submit(&mine, spec("mine", &[8], RestartStrategy::NoRestart));
+    assert_eq!(
+        pending(&w, &mine).as_deref(),
+        Some("needs 8 free slots; 3 free on 1 TaskManager (12 in the cluster)")
+    );
+    let mut hi = spec("high", &[8], RestartStrategy::NoRestart);
+    hi.priority = 5;
+    w.submit(&high, hi);
+    // A job of lower priority submitted earlier is not ahead; a higher one submitted
+    // later is.
+    assert_eq!(
+        pending(&w, &mine).as_deref(),
+        Some(
+            "needs 8 free slots; 3 free on 1 TaskManager (12 in the cluster); \
+             1 queued job of higher or equal priority is tried first"
+        )
+    );
+    assert_eq!(
+        pending(&w, &low)
+            .as_deref()
+            .map(|r| r.ends_with("2 queued jobs of higher or equal priority are tried first")),
+        Some(true)
+    );
+    // What the reason promised: the job counted ahead takes the freed slots first.
+    for t in &tms {
+        w.report_all(t, &hog, TaskState::Finished);
+    }
+    assert_eq!(w.job(&high).state, JobState::Running);
+    assert_eq!(w.job(&mine).state, JobState::Created);
+    assert_eq!(pending(&w, &high), None);
+    assert_eq!(
+        pending(&w, &mine).as_deref(),
+        Some("needs 8 free slots; 4 free on 3 TaskManagers (12 in the cluster)")
+    );
+}
+
+#[test]
+fn a_full_selector_is_named_although_other_task_managers_have_room() {
+    let mut w = World::new();
+    w.register(labelled("tm-gpu", 2, &[("gpu", "true")]));
+    w.register(tm("tm-cpu", 4));
+    let first = job_id(1);
+    w.submit(
+        &first,
+        with_selector(
+            spec("a", &[2], RestartStrategy::NoRestart),
+            0,
+            &[("gpu", "true")],
+        ),
+    );
+    assert_eq!(w.job(&first).state, JobState::Running);
+    let second = job_id(2);
+    w.submit(
+        &second,
+        with_selector(
+            spec("b", &[1], RestartStrategy::NoRestart),
+            0,
+            &[("gpu", "true")],
+        ),
+    );
+    assert_eq!(
+        pending(&w, &second).as_deref(),
+        Some(
+            "vertex 'v0' needs 1 free slot with gpu=true; \
+             0 free on 0 of 1 matching TaskManager (2 slots in all)"
+        )
+    );
+}
+
+#[test]
+fn a_job_that_fits_by_count_but_not_vertex_by_vertex_says_so() {
+    let mut w = World::new();
+    // Spread gives the unconstrained vertex the lowest id among the emptiest, the only
+    // GPU TaskManager, and the GPU vertex finds no slot left.
+    w.register(labelled("a-gpu", 1, &[("gpu", "true")]));
+    w.register(tm("b-cpu", 1));
+    let id = job_id(1);
+    w.submit(
+        &id,
+        with_selector(
+            spec("mixed", &[1, 1], RestartStrategy::NoRestart),
+            1,
+            &[("gpu", "true")],
+        ),
+    );
+    assert_eq!(w.job(&id).state, JobState::Created);
+    assert_eq!(
+        pending(&w, &id).as_deref(),
+        Some(
+            "needs 2 free slots and 2 are free, but not every vertex finds one matching \
+             its node selector after earlier vertices take theirs"
+        )
+    );
+}
+
+#[test]
+fn only_jobs_in_the_placement_queue_have_a_pending_reason() {
+    let mut w = World::new();
+    let t = tm("tm-1", 2);
+    w.register(t.clone());
+    let (running, waiting) = (job_id(1), job_id(2));
+    w.submit(
+        &running,
+        spec(
+            "r",
+            &[2],
+            RestartStrategy::FixedDelay {
+                attempts: 1,
+                delay_ms: 500,
+            },
+        ),
+    );
+    w.submit(&waiting, spec("w", &[1], RestartStrategy::NoRestart));
+    assert_eq!(pending(&w, &running), None);
+    assert!(pending(&w, &waiting).is_some());
+    assert_eq!(pending(&w, &job_id(9)), None, "unknown job");
+    // Waiting for its restart delay is not waiting for slots.
+    w.report_all(&t, &running, TaskState::Failed);
+    assert_eq!(w.job(&running).state, JobState::Restarting);
+    assert_eq!(pending(&w, &running), None);
+    w.ok(Command::CancelJob {
+        job_id: waiting.clone(),
+        now: w.now,
+    });
+    assert_eq!(
+        pending(&w, &waiting),
+        None,
+        "a canceled job waits for nothing"
+    );
+}

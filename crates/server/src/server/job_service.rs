@@ -43,9 +43,7 @@ impl JobServer {
 
     fn status_of(&self, id: &state::JobId) -> Result<pb::JobStatus, ApiError> {
         let g = self.edge.replica.state.read();
-        g.state
-            .job(id)
-            .map(convert::job_status)
+        watch::job_status(&g.state, id)
             .ok_or_else(|| state::Rejection::UnknownJob { job_id: id.clone() }.into())
     }
 
@@ -107,8 +105,12 @@ impl JobServer {
             (states.is_empty() || states.contains(&j.state))
                 && j.spec.name.starts_with(&req.name_prefix)
         });
+        let mut pending = g.state.pending_reasons();
         Ok(pb::ListJobsResponse {
-            jobs: page.into_iter().map(convert::job_summary).collect(),
+            jobs: page
+                .into_iter()
+                .map(|j| convert::job_summary(j, pending.of(&j.id).as_ref()))
+                .collect(),
             next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
         })
     }

@@ -14,13 +14,15 @@
 //! - `task_managers`: registration and removal of TaskManagers;
 //! - `reports`: task state reports from TaskManagers;
 //! - `checkpoints`: checkpoint ids and completed-checkpoint pointers;
-//! - `queue`: the placement queue and gang placement.
+//! - `queue`: the placement queue and gang placement;
+//! - `pending`: why a queued job is not placed (derived at read time, never stored).
 //!
 //! Architecture invariant, for every file here: nothing does I/O, reads a clock or draws
 //! a random number; time enters only as the `now` that the leader stamps into commands.
 
 mod checkpoints;
 mod jobs;
+mod pending;
 mod queries;
 mod queue;
 mod reports;
@@ -34,6 +36,7 @@ use super::placement::SlotIndex;
 use super::types::{Job, JobId, Millis, TaskManager, TaskManagerId};
 use super::validate::validate_cluster_config;
 
+pub use pending::{PendingReason, PendingReasons};
 pub use queries::Assignment;
 use queue::QueueKey;
 
