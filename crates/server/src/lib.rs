@@ -6,6 +6,8 @@
 //!
 //! - [`leader`]: the leader's time-based duties (TaskManager leases, due restarts,
 //!   retention purge), turned into commands.
+//! - [`logging`]: the binary's log setup, and the filter that rate-limits openraft's
+//!   failure reports.
 //! - [`raft`]: replication: openraft types, the sled log store, the state-machine store,
 //!   the peer transport and the replica.
 //! - [`server`]: the gRPC edge (every RPC passes through `server::edge`), services,
@@ -21,6 +23,7 @@
 
 pub mod error;
 pub mod leader;
+pub mod logging;
 pub mod raft;
 pub mod server;
 pub mod taskmanagers;

@@ -21,12 +21,21 @@ async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour())
         .init();
     tracing::info!(id = %config.id, slots = config.slots, work_dir = %config.work_dir.display(), "taskmanager starting");
     if let Err(e) = dispatcher_client::taskmanager::run(config, shutdown_signal()).await {
         eprintln!("taskmanager: {e}");
         std::process::exit(1);
     }
+}
+
+/// Colour codes only on a terminal (in a file or a pipe they are noise), and not when
+/// `NO_COLOR` is set. The dispatcher's `logging::init` decides the same way; the client
+/// crate does not depend on the server crate, so these lines are repeated there.
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 async fn shutdown_signal() {

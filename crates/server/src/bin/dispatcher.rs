@@ -5,8 +5,7 @@
 //! configuration, 1 when the replica cannot start or fails.
 
 use clap::Parser;
-use dispatcher_server::server::config::{Args, LogFormat};
-use tracing_subscriber::EnvFilter;
+use dispatcher_server::server::config::Args;
 
 #[tokio::main]
 async fn main() {
@@ -18,15 +17,8 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let filter = EnvFilter::try_from_env("DISPATCHER_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    let suppressed = dispatcher_server::logging::init(config.log_format);
+    tokio::spawn(suppressed.report());
     if let Err(e) = dispatcher_server::server::run(config, shutdown_signal()).await {
         tracing::error!(error = %e, "replica stopped");
         eprintln!("dispatcher: {e}");

@@ -7,16 +7,23 @@
 //! before retrying); an append batch whose encoding exceeds the message limit becomes a
 //! `PayloadTooLarge` hint so openraft sends fewer entries at a time. Snapshots travel
 //! chunk by chunk (openraft's chunked transfer), each chunk one `InstallSnapshot` call.
+//!
+//! This module is where a failing peer is logged. openraft reports every failed call
+//! several times over, some at ERROR, and a leader retries a dead follower every
+//! 500 ms; the log filter (`crate::logging`) drops openraft's reports of unreachable
+//! and timed-out peers, and [`PeerLog`] turns the outcomes of the calls into at most one
+//! WARN per peer per [`PEER_REPORT_INTERVAL`] with the count of failed calls, and an
+//! INFO when the peer answers again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout,
     Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -54,18 +61,30 @@ impl Default for NetworkConfig {
     }
 }
 
+/// How often a peer whose calls keep failing is logged again.
+pub const PEER_REPORT_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Creates network clients for openraft, sharing one channel per peer address.
 #[derive(Clone)]
 pub struct GrpcNetwork {
+    /// This replica's id (openraft's `Timeout` error names both ends).
+    id: NodeId,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    peers: Peers,
     config: NetworkConfig,
 }
 
+/// The log state of every peer, shared by all clients (openraft makes a new client for
+/// every heartbeat and vote, so the state cannot live in one).
+type Peers = Arc<Mutex<HashMap<NodeId, PeerLog>>>;
+
 impl GrpcNetwork {
-    /// A network with no connections yet.
-    pub fn new(config: NetworkConfig) -> Self {
+    /// The network of replica `id`, with no connections yet.
+    pub fn new(id: NodeId, config: NetworkConfig) -> Self {
         GrpcNetwork {
+            id,
             channels: Arc::new(Mutex::new(HashMap::new())),
+            peers: Arc::default(),
             config,
         }
     }
@@ -98,25 +117,48 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             .unwrap_or(&node.addr)
             .clone();
         PeerClient {
+            id: self.id,
             target,
             node: node.clone(),
             channel: self.channel(&addr),
+            addr,
+            peers: self.peers.clone(),
         }
     }
 }
 
 /// A client of one peer.
 pub struct PeerClient {
+    id: NodeId,
     target: NodeId,
     node: Node,
     channel: Result<Channel, String>,
+    /// The address actually dialled (an override, or the advertised one), for the log.
+    addr: String,
+    peers: Peers,
 }
 
-/// The ways a call can fail before the peer's Raft answers.
+/// The ways a call can fail before the peer's Raft answers. Each carries the error for
+/// openraft and a one-line description for our log.
 enum CallError {
-    Unreachable(AnyError),
-    Network(AnyError),
+    Unreachable(AnyError, String),
+    /// The request's deadline passed (tonic's client timeout, or the peer's).
+    Timeout(String),
+    Network(AnyError, String),
     TooLarge(usize),
+}
+
+impl CallError {
+    /// How this failure is logged (`TooLarge` is no failure of the peer: openraft
+    /// retries with fewer entries).
+    fn failure(&self) -> Option<(Failure, &str)> {
+        match self {
+            CallError::Unreachable(_, why) => Some((Failure::Unreachable, why)),
+            CallError::Timeout(why) => Some((Failure::Timeout, why)),
+            CallError::Network(_, why) => Some((Failure::Error, why)),
+            CallError::TooLarge(_) => None,
+        }
+    }
 }
 
 impl PeerClient {
@@ -131,12 +173,46 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: DeserializeOwned,
     {
+        // openraft wraps each call in its own timeout and drops it when that fires, so a
+        // peer that never answers shows up here only as a dropped call.
+        let mut watch = CallWatch {
+            client: self,
+            started: Instant::now(),
+            timeout,
+            finished: false,
+        };
+        let result = self.call_once(kind, req, timeout).await;
+        watch.finished = true;
+        match &result {
+            Err(e) => {
+                if let Some((failure, why)) = e.failure() {
+                    self.record(Outcome::Failed(failure), why);
+                }
+            }
+            Ok(_) => self.record(Outcome::Answered, ""),
+        }
+        result
+    }
+
+    async fn call_once<Req, Resp, E>(
+        &self,
+        kind: RpcKind,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Result<Resp, E>, CallError>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: DeserializeOwned,
+    {
         let channel = self
             .channel
             .as_ref()
-            .map_err(|e| CallError::Unreachable(AnyError::error(e)))?
+            .map_err(|e| CallError::Unreachable(AnyError::error(e), e.clone()))?
             .clone();
-        let payload = codec::encode(req).map_err(|e| CallError::Network(AnyError::new(&e)))?;
+        let payload = codec::encode(req).map_err(|e| {
+            CallError::Network(AnyError::new(&e), format!("cannot encode the request: {e}"))
+        })?;
         if payload.len() > MAX_RAFT_MESSAGE {
             return Err(CallError::TooLarge(payload.len()));
         }
@@ -151,8 +227,203 @@ impl PeerClient {
             RpcKind::Snapshot => client.install_snapshot(request).await,
         };
         let reply = reply.map_err(|status| classify(&status))?;
-        codec::decode::<Result<Resp, E>>(&reply.into_inner().payload)
-            .map_err(|e| CallError::Network(AnyError::new(&e)))
+        codec::decode::<Result<Resp, E>>(&reply.into_inner().payload).map_err(|e| {
+            CallError::Network(AnyError::new(&e), format!("cannot decode the answer: {e}"))
+        })
+    }
+
+    /// Feeds one call's outcome to this peer's [`PeerLog`] and logs the line it asks for.
+    fn record(&self, outcome: Outcome, why: &str) {
+        let line = {
+            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            let log = peers.entry(self.target).or_default();
+            log.observe(outcome, Instant::now(), PEER_REPORT_INTERVAL)
+        };
+        let (peer, addr) = (self.target, &self.addr);
+        match line {
+            None => {}
+            Some(PeerLine::Failing {
+                failure,
+                first: true,
+                failed_calls,
+                ..
+            }) => tracing::warn!(
+                peer,
+                addr,
+                reason = failure.as_str(),
+                error = why,
+                failed_calls,
+                "cannot reach peer"
+            ),
+            Some(PeerLine::Failing {
+                failure,
+                first: false,
+                failed_calls,
+                failing_for,
+            }) => tracing::warn!(
+                peer,
+                addr,
+                reason = failure.as_str(),
+                error = why,
+                failed_calls,
+                failing_for = ?Rounded(failing_for),
+                "still cannot reach peer"
+            ),
+            Some(PeerLine::Recovered {
+                failed_calls,
+                after,
+            }) => tracing::info!(
+                peer,
+                addr,
+                failed_calls,
+                after = ?Rounded(after),
+                "peer reachable again"
+            ),
+        }
+    }
+}
+
+/// Records a call that openraft dropped after (about) its timeout as a timed-out call.
+/// A call dropped early was cancelled (a leader stepping down, a shutdown), which says
+/// nothing about the peer.
+struct CallWatch<'a> {
+    client: &'a PeerClient,
+    started: Instant,
+    timeout: Duration,
+    finished: bool,
+}
+
+impl Drop for CallWatch<'_> {
+    fn drop(&mut self) {
+        if !self.finished && self.started.elapsed() >= self.timeout * 3 / 4 {
+            let why = format!("no answer within {:?}", self.timeout);
+            self.client.record(Outcome::Failed(Failure::Timeout), &why);
+        }
+    }
+}
+
+/// A duration printed to a tenth of a second ("30.2s"), enough for a log line.
+struct Rounded(Duration);
+
+impl std::fmt::Debug for Rounded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.1}s", self.0.as_secs_f64())
+    }
+}
+
+/// Why a call to a peer failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection (refused, reset, no route).
+    Unreachable,
+    /// No answer in time.
+    Timeout,
+    /// Any other failure of the call (a status, an undecodable answer).
+    Error,
+}
+
+impl Failure {
+    fn as_str(self) -> &'static str {
+        match self {
+            Failure::Unreachable => "unreachable",
+            Failure::Timeout => "timeout",
+            Failure::Error => "error",
+        }
+    }
+}
+
+/// The outcome of one call to a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The peer's Raft answered (even with a refusal).
+    Answered,
+    /// The call failed.
+    Failed(Failure),
+}
+
+/// A line to log about a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerLine {
+    /// Calls are failing.
+    Failing {
+        /// Why the latest call failed.
+        failure: Failure,
+        /// The first line of this run of failures ("cannot reach peer"); otherwise a
+        /// reminder ("still cannot reach peer").
+        first: bool,
+        /// Failed calls since the previous `Failing` line (this one included).
+        failed_calls: u64,
+        /// Since the first failure of this run.
+        failing_for: Duration,
+    },
+    /// The peer answered after a run of failures that was logged.
+    Recovered {
+        /// Failed calls in that run.
+        failed_calls: u64,
+        /// How long the run lasted.
+        after: Duration,
+    },
+}
+
+/// What to log about one peer, from the outcomes of the calls to it: at most one
+/// `Failing` line per interval (the first failure is logged at once, the rest are
+/// counted into the next line), and one `Recovered` line when a logged run of failures
+/// ends. A peer that flaps within an interval costs one line, not one per flap. Pure:
+/// the caller passes the time.
+#[derive(Debug, Default)]
+pub struct PeerLog {
+    /// When the current run of failures began.
+    failing_since: Option<Instant>,
+    /// Failures in the current run.
+    run: u64,
+    /// Whether the current run has been logged.
+    run_logged: bool,
+    /// Failures not yet counted in a `Failing` line.
+    unlogged: u64,
+    /// When the last `Failing` line was logged.
+    last_line: Option<Instant>,
+}
+
+impl PeerLog {
+    /// Takes one call's outcome at `now`; returns the line to log, if any.
+    pub fn observe(
+        &mut self,
+        outcome: Outcome,
+        now: Instant,
+        interval: Duration,
+    ) -> Option<PeerLine> {
+        match outcome {
+            Outcome::Answered => {
+                let since = self.failing_since.take()?;
+                let line = self.run_logged.then_some(PeerLine::Recovered {
+                    failed_calls: self.run,
+                    after: now.saturating_duration_since(since),
+                });
+                self.run = 0;
+                self.run_logged = false;
+                line
+            }
+            Outcome::Failed(failure) => {
+                let since = *self.failing_since.get_or_insert(now);
+                self.run += 1;
+                self.unlogged += 1;
+                let due = self
+                    .last_line
+                    .is_none_or(|t| now.saturating_duration_since(t) >= interval);
+                if !due {
+                    return None;
+                }
+                let line = PeerLine::Failing {
+                    failure,
+                    first: !self.run_logged,
+                    failed_calls: std::mem::take(&mut self.unlogged),
+                    failing_for: now.saturating_duration_since(since),
+                };
+                self.last_line = Some(now);
+                self.run_logged = true;
+                Some(line)
+            }
+        }
     }
 }
 
@@ -167,14 +438,47 @@ enum RpcKind {
 /// peer is unreachable; anything else is a network error openraft retries at once.
 fn classify(status: &tonic::Status) -> CallError {
     use tonic::Code;
+    let error = || AnyError::error(status.to_string());
+    if status.code() == Code::DeadlineExceeded || is_timeout(status) {
+        return CallError::Timeout(describe(status));
+    }
     match status.code() {
         Code::Unavailable | Code::Unknown if is_transport(status) => {
-            CallError::Unreachable(AnyError::error(status.to_string()))
+            CallError::Unreachable(error(), describe(status))
         }
-        Code::Unavailable => CallError::Unreachable(AnyError::error(status.to_string())),
+        Code::Unavailable => CallError::Unreachable(error(), describe(status)),
         Code::ResourceExhausted | Code::OutOfRange => CallError::TooLarge(0),
-        _ => CallError::Network(AnyError::error(status.to_string())),
+        _ => CallError::Network(error(), describe(status)),
     }
+}
+
+/// A status in one short line: its message and the root cause of its source
+/// ("tcp connect error: Connection refused (os error 111)"), instead of tonic's nested
+/// debug rendering.
+fn describe(status: &tonic::Status) -> String {
+    let mut root: Option<&dyn std::error::Error> = std::error::Error::source(status);
+    while let Some(next) = root.and_then(|e| e.source()) {
+        root = Some(next);
+    }
+    match root {
+        Some(cause) if !status.message().contains(&cause.to_string()) => {
+            format!("{}: {cause}", status.message())
+        }
+        _ => format!("{:?}: {}", status.code(), status.message()),
+    }
+}
+
+/// tonic reports its own client-side timeout as CANCELLED with a `TimeoutExpired`
+/// source: a peer that did not answer in time, not a broken call.
+fn is_timeout(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 fn is_transport(status: &tonic::Status) -> bool {
@@ -186,11 +490,25 @@ impl PeerClient {
     fn rpc_error<E: std::error::Error>(
         &self,
         e: CallError,
+        kind: RpcKind,
+        timeout: Duration,
         entries: usize,
     ) -> RPCError<NodeId, Node, E> {
         match e {
-            CallError::Unreachable(e) => RPCError::Unreachable(Unreachable::from(e)),
-            CallError::Network(e) => RPCError::Network(NetworkError::from(e)),
+            CallError::Unreachable(e, _) => RPCError::Unreachable(Unreachable::from(e)),
+            // openraft treats a Timeout as it treats a NetworkError (no backoff, try again
+            // with the next heartbeat), and logs it as what it is.
+            CallError::Timeout(_) => RPCError::Timeout(Timeout {
+                action: match kind {
+                    RpcKind::Append => RPCTypes::AppendEntries,
+                    RpcKind::Vote => RPCTypes::Vote,
+                    RpcKind::Snapshot => RPCTypes::InstallSnapshot,
+                },
+                id: self.id,
+                target: self.target,
+                timeout,
+            }),
+            CallError::Network(e, _) => RPCError::Network(NetworkError::from(e)),
             CallError::TooLarge(bytes) => {
                 if entries > 1 {
                     RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(
@@ -221,10 +539,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
         let entries = rpc.entries.len();
-        match self.call(RpcKind::Append, &rpc, option.hard_ttl()).await {
+        let (kind, ttl) = (RpcKind::Append, option.hard_ttl());
+        match self.call(kind, &rpc, ttl).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(remote)) => Err(self.remote(remote)),
-            Err(e) => Err(self.rpc_error(e, entries)),
+            Err(e) => Err(self.rpc_error(e, kind, ttl, entries)),
         }
     }
 
@@ -236,10 +555,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        match self.call(RpcKind::Snapshot, &rpc, option.hard_ttl()).await {
+        let (kind, ttl) = (RpcKind::Snapshot, option.hard_ttl());
+        match self.call(kind, &rpc, ttl).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(remote)) => Err(self.remote(remote)),
-            Err(e) => Err(self.rpc_error(e, 0)),
+            Err(e) => Err(self.rpc_error(e, kind, ttl, 0)),
         }
     }
 
@@ -248,10 +568,129 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        match self.call(RpcKind::Vote, &rpc, option.hard_ttl()).await {
+        let (kind, ttl) = (RpcKind::Vote, option.hard_ttl());
+        match self.call(kind, &rpc, ttl).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(remote)) => Err(self.remote(remote)),
-            Err(e) => Err(self.rpc_error(e, 0)),
+            Err(e) => Err(self.rpc_error(e, kind, ttl, 0)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INTERVAL: Duration = Duration::from_secs(30);
+
+    fn at(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    /// A follower down for 65 s and back: the leader retries every 500 ms, and the log
+    /// gets three lines about it (at 0 s, 30 s and 60 s) and one when it is back.
+    #[test]
+    fn a_dead_peer_is_logged_once_per_interval_with_counts_and_once_when_back() {
+        let t0 = Instant::now();
+        let mut log = PeerLog::default();
+        let mut lines = vec![];
+        for ms in (0..65_000).step_by(500) {
+            if let Some(line) =
+                log.observe(Outcome::Failed(Failure::Unreachable), at(t0, ms), INTERVAL)
+            {
+                lines.push((ms, line));
+            }
+        }
+        if let Some(line) = log.observe(Outcome::Answered, at(t0, 65_000), INTERVAL) {
+            lines.push((65_000, line));
+        }
+        let failing = |first, failed_calls, s| PeerLine::Failing {
+            failure: Failure::Unreachable,
+            first,
+            failed_calls,
+            failing_for: Duration::from_secs(s),
+        };
+        assert_eq!(
+            lines,
+            vec![
+                (0, failing(true, 1, 0)),
+                (30_000, failing(false, 60, 30)),
+                (60_000, failing(false, 60, 60)),
+                (
+                    65_000,
+                    PeerLine::Recovered {
+                        failed_calls: 130,
+                        after: Duration::from_secs(65)
+                    }
+                ),
+            ]
+        );
+        // Answers from a healthy peer log nothing.
+        assert_eq!(
+            log.observe(Outcome::Answered, at(t0, 66_000), INTERVAL),
+            None
+        );
+    }
+
+    /// A peer that fails and recovers every second: the first failure and recovery are
+    /// logged, then one line per interval counts the failures in between, and a
+    /// recovery is logged only after a run that was.
+    #[test]
+    fn a_flapping_peer_costs_at_most_two_lines_per_interval() {
+        let t0 = Instant::now();
+        let mut log = PeerLog::default();
+        let mut lines = vec![];
+        for s in 0..61u64 {
+            let outcome = if s % 2 == 0 {
+                Outcome::Failed(Failure::Timeout)
+            } else {
+                Outcome::Answered
+            };
+            if let Some(line) = log.observe(outcome, at(t0, s * 1000), INTERVAL) {
+                lines.push((s, line));
+            }
+        }
+        let kinds: Vec<(u64, bool, u64)> = lines
+            .iter()
+            .map(|(s, l)| match l {
+                PeerLine::Failing { failed_calls, .. } => (*s, true, *failed_calls),
+                PeerLine::Recovered { failed_calls, .. } => (*s, false, *failed_calls),
+            })
+            .collect();
+        // Failures at 0, 2, ..., 60: logged at 0 (1 call), 30 (15 calls: 2..=30) and 60
+        // (15 calls: 32..=60); each logged run's recovery follows one second later.
+        assert_eq!(
+            kinds,
+            vec![
+                (0, true, 1),
+                (1, false, 1),
+                (30, true, 15),
+                (31, false, 1),
+                (60, true, 15)
+            ]
+        );
+        assert!(matches!(lines[2].1, PeerLine::Failing { first: true, .. }));
+    }
+
+    #[test]
+    fn tonic_timeouts_are_timeouts_and_refusals_are_unreachable() {
+        let expired = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert!(matches!(classify(&expired), CallError::Timeout(_)));
+        let deadline = tonic::Status::deadline_exceeded("deadline");
+        assert!(matches!(classify(&deadline), CallError::Timeout(_)));
+        let refused = tonic::Status::unavailable("tcp connect error");
+        assert!(matches!(classify(&refused), CallError::Unreachable(..)));
+        let internal = tonic::Status::internal("boom");
+        assert!(matches!(classify(&internal), CallError::Network(..)));
+    }
+
+    #[test]
+    fn a_refused_connection_is_described_in_one_line() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let status = tonic::Status::from_error(Box::new(refused));
+        let text = describe(&status);
+        assert!(!text.contains('\n') && text.contains("refused"), "{text}");
+        let plain = tonic::Status::unavailable("tcp connect error");
+        assert_eq!(describe(&plain), "Unavailable: tcp connect error");
     }
 }

@@ -172,10 +172,13 @@ impl Replica {
     /// bootstraps the cluster if this replica is the lowest id of `initial_cluster`;
     /// a directory with data never re-initialises.
     pub async fn start(opts: ReplicaOptions) -> Result<Replica, StartError> {
-        let network = GrpcNetwork::new(NetworkConfig {
-            peer_addresses: opts.peer_addresses.clone(),
-            ..NetworkConfig::default()
-        });
+        let network = GrpcNetwork::new(
+            opts.id,
+            NetworkConfig {
+                peer_addresses: opts.peer_addresses.clone(),
+                ..NetworkConfig::default()
+            },
+        );
         Self::start_with_network(opts, network).await
     }
 
