@@ -1,6 +1,6 @@
 //! The edge: the one layer every RPC of every service passes through.
 //!
-//! A service declares each RPC's [`Consistency`] in its [`crate::edge_service!`] table;
+//! A service declares each RPC's [`Consistency`] in its `edge_service!` table;
 //! the edge alone decides from it whether the call is served here, forwarded to the
 //! leader, or served here after a read barrier, and opens the trace span that carries
 //! the job and TaskManager ids through forwarding, proposing and applying. Handlers get
