@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::attempts::*;
 use super::*;
 
 fn endpoints() -> Vec<String> {

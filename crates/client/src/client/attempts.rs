@@ -1,0 +1,208 @@
+//! How one call spreads its tries over the endpoints, as pure decisions: which status is
+//! worth another try, which replica the next try goes to, what a failed try means, and
+//! when to stop early because nothing listens anywhere. Kept apart from the network so
+//! that the rules are tested without one.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tonic::{Code, Status};
+
+use super::{seconds, EndpointFailure, LEADER_ADDRESS_KEY};
+
+/// Whether another try (on another replica, or after an election) may succeed.
+pub(super) fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Aborted
+    )
+}
+
+/// The leader a replica names in a reply's metadata, if it names one.
+pub(super) fn leader_hint(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    metadata
+        .get(LEADER_ADDRESS_KEY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+}
+
+/// Which replica the next try goes to: the last leader seen or hinted, else the
+/// endpoints in turn. Kept apart from the network so that the rules can be tested.
+#[derive(Debug, Default)]
+pub(super) struct EndpointChoice {
+    pub(super) preferred: Option<String>,
+    pub(super) rotation: usize,
+}
+
+impl EndpointChoice {
+    /// The address to try next; `None` only without endpoints.
+    pub(super) fn pick(&mut self, endpoints: &[String]) -> Option<String> {
+        if let Some(p) = &self.preferred {
+            return Some(p.clone());
+        }
+        let addr = endpoints
+            .get(self.rotation % endpoints.len().max(1))?
+            .clone();
+        self.rotation += 1;
+        Some(addr)
+    }
+
+    /// Learns from a try at `addr`: its answer (with the leader it was forwarded to, if
+    /// it says) or the retryable error it failed with.
+    pub(super) fn learn(&mut self, addr: &str, outcome: Result<Option<&str>, &Status>) {
+        self.preferred = match outcome {
+            // A forwarded answer names the leader: go there directly next time.
+            Ok(Some(leader)) => Some(leader.to_string()),
+            Ok(None) => Some(addr.to_string()),
+            // A hint naming the replica that just failed would pin us to it.
+            Err(status) => leader_hint(status.metadata()).filter(|h| h != addr),
+        };
+    }
+}
+
+/// One failed try, as the decision to go on sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct TryFailure {
+    /// The cause in a few words, for the final error.
+    pub(super) cause: String,
+    /// Nothing accepted the TCP connection: refused, or no route to the host. Anything
+    /// else (a replica's UNAVAILABLE, a timeout, a dropped stream) may be an election.
+    pub(super) not_listening: bool,
+}
+
+/// The cause of a transport failure, read from the I/O error at the bottom of its chain
+/// (tonic's own message is only `tcp connect error` or `transport error`); `None` when
+/// the chain holds no I/O error.
+pub(super) fn io_cause(err: &(dyn std::error::Error + 'static)) -> Option<TryFailure> {
+    use std::io::ErrorKind;
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            let (cause, not_listening) = match io.kind() {
+                ErrorKind::ConnectionRefused => ("connection refused".to_string(), true),
+                ErrorKind::HostUnreachable => ("no route to host".to_string(), true),
+                ErrorKind::NetworkUnreachable => ("network unreachable".to_string(), true),
+                // A host that swallows SYNs may be partitioned, not gone.
+                ErrorKind::TimedOut => ("connect timed out".to_string(), false),
+                _ => (io.to_string(), false),
+            };
+            return Some(TryFailure {
+                cause,
+                not_listening,
+            });
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// How a retryable failure counts: the I/O cause if the connection failed, the try's
+/// deadline if it ran out, else the replica's own message.
+pub(super) fn classify(status: &Status, per_try: Duration) -> TryFailure {
+    if let Some(f) = io_cause(status) {
+        return f;
+    }
+    // tonic enforces the request's `grpc-timeout` itself, racing the try's own timer;
+    // either way the replica did not answer in time.
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return TryFailure {
+                cause: no_answer_within(per_try),
+                not_listening: false,
+            };
+        }
+        source = e.source();
+    }
+    TryFailure {
+        cause: if status.message().is_empty() {
+            status.code().description().to_string()
+        } else {
+            status.message().to_string()
+        },
+        not_listening: false,
+    }
+}
+
+pub(super) fn no_answer_within(per_try: Duration) -> String {
+    format!("no answer within {}", seconds(per_try))
+}
+
+/// Describes a transport error for a message: its I/O cause if it has one.
+pub(crate) fn transport_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    io_cause(err).map_or_else(|| err.to_string(), |f| f.cause)
+}
+
+/// What one call learned from its tries, and whether going on can help. Pure: the caller
+/// passes the time since the call started, so the rule is tested without a network.
+///
+/// The rule: stop early only if, for `window`, every try found nothing listening and
+/// every endpoint was tried at least twice in that time. One replica answering (even
+/// UNAVAILABLE: an election) or timing out starts the count again, so a call keeps
+/// trying until its deadline while any replica may be alive.
+#[derive(Debug, Default)]
+pub(super) struct CallHistory {
+    pub(super) attempts: usize,
+    /// Each address tried, in the order first tried, with the cause of its last failure.
+    pub(super) causes: Vec<EndpointFailure>,
+    /// The current run of tries that found nothing listening: when its first failed,
+    /// and how many tries each address had in it.
+    pub(super) unreachable: Option<(Duration, HashMap<String, usize>)>,
+}
+
+/// How many tries at every endpoint, all refused, make "nothing is listening".
+pub(super) const UNREACHABLE_ROUNDS: usize = 2;
+
+impl CallHistory {
+    /// A try at `addr` begins.
+    pub(super) fn started(&mut self, addr: &str) {
+        self.attempts += 1;
+        if !self.causes.iter().any(|c| c.address == addr) {
+            // Replaced when the try fails; stays if the deadline cuts it short.
+            self.causes.push(EndpointFailure {
+                address: addr.to_string(),
+                cause: "no answer before the deadline".to_string(),
+            });
+        }
+    }
+
+    /// The try at `addr` failed `at` (time since the call started).
+    pub(super) fn failed(&mut self, at: Duration, addr: &str, failure: TryFailure) {
+        match self.causes.iter_mut().find(|c| c.address == addr) {
+            Some(c) => c.cause = failure.cause,
+            None => self.causes.push(EndpointFailure {
+                address: addr.to_string(),
+                cause: failure.cause,
+            }),
+        }
+        if failure.not_listening {
+            let (_, tries) = self.unreachable.get_or_insert_with(|| (at, HashMap::new()));
+            *tries.entry(addr.to_string()).or_default() += 1;
+        } else {
+            self.unreachable = None;
+        }
+    }
+
+    /// Whether nothing listens at any of `endpoints`, judged `at` (time since the call
+    /// started) over `window`.
+    pub(super) fn nothing_listening(
+        &self,
+        at: Duration,
+        endpoints: &[String],
+        window: Duration,
+    ) -> bool {
+        let Some((since, tries)) = &self.unreachable else {
+            return false;
+        };
+        !endpoints.is_empty()
+            && at.saturating_sub(*since) >= window
+            && endpoints
+                .iter()
+                .all(|e| tries.get(e).copied().unwrap_or(0) >= UNREACHABLE_ROUNDS)
+    }
+}
