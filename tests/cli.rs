@@ -15,16 +15,7 @@ fn ctl(endpoints: &str, args: &[&str]) -> (i32, String, String) {
 }
 
 fn ctl_within(timeout: &str, endpoints: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(dispatcher_testkit::bin("dispatchctl"))
-        .args(["--endpoints", endpoints, "--timeout", timeout])
-        .args(args)
-        .output()
-        .expect("run dispatchctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    dispatcher_testkit::dispatchctl(endpoints, timeout, args)
 }
 
 fn write_spec(dir: &std::path::Path, name: &str, body: &str) -> String {

@@ -140,16 +140,7 @@ impl Supervisor {
 
     /// Runs `dispatchctl` against this cluster: exit code, stdout, stderr.
     fn ctl(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(bin("dispatchctl"))
-            .args(["--endpoints", &self.endpoints, "--timeout", "5"])
-            .args(args)
-            .output()
-            .expect("run dispatchctl");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        dispatcher_testkit::dispatchctl(&self.endpoints, "5", args)
     }
 
     /// `cluster status --output json` when it exits 0 (a leader is known).
