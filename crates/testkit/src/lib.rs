@@ -120,6 +120,21 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Runs the `dispatchctl` binary against `endpoints` with a `--timeout` of `timeout`
+/// seconds: its exit code (-1 if a signal ended it), stdout and stderr.
+pub fn dispatchctl(endpoints: &str, timeout: &str, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(bin("dispatchctl"))
+        .args(["--endpoints", endpoints, "--timeout", timeout])
+        .args(args)
+        .output()
+        .expect("run dispatchctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,19 +154,4 @@ mod tests {
         assert_eq!(distinct.len(), 8, "{ports:?}");
         assert!(ports.iter().all(|p| *p != 0));
     }
-}
-
-/// Runs the `dispatchctl` binary against `endpoints` with a `--timeout` of `timeout`
-/// seconds: its exit code (-1 if a signal ended it), stdout and stderr.
-pub fn dispatchctl(endpoints: &str, timeout: &str, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(bin("dispatchctl"))
-        .args(["--endpoints", endpoints, "--timeout", timeout])
-        .args(args)
-        .output()
-        .expect("run dispatchctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
