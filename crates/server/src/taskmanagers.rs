@@ -67,17 +67,21 @@ impl TaskManagers {
         Ok(self.replica.state.read().state.assignments(&id))
     }
 
-    /// A heartbeat of `instance` carrying `reports`.
+    /// A heartbeat of `instance`; `reports` reads the reports it carries. They are read
+    /// only after the registration check and the lease refresh, so that a report this
+    /// build cannot read (a newer agent during an upgrade) neither hides "unregistered"
+    /// from an expired TaskManager nor lets a live one's lease run out.
     pub async fn heartbeat(
         &self,
         id: &TaskManagerId,
         instance: &str,
-        reports: Vec<TaskReport>,
+        reports: impl FnOnce(&Self) -> Result<Vec<TaskReport>, ApiError>,
     ) -> Result<HeartbeatAnswer, ApiError> {
         if !self.registered(id, instance) {
             return Ok(HeartbeatAnswer::Unregistered);
         }
         self.liveness.seen(id, instance);
+        let reports = reports(self)?;
         if !reports.is_empty() {
             let outcome = self
                 .replica

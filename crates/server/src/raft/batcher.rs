@@ -133,7 +133,7 @@ pub fn split(
 ) -> Result<Vec<Result<Response, Rejection>>, WriteError> {
     match applied {
         Applied::Command(Ok(Response::Batch(results))) if results.len() == count => Ok(results),
-        other => Err(WriteError::Fatal(format!(
+        other => Err(WriteError::Internal(format!(
             "a batch of {count} commands was applied as {other:?}"
         ))),
     }
@@ -143,7 +143,7 @@ pub fn split(
 fn single(applied: Applied) -> Result<Result<Response, Rejection>, WriteError> {
     match applied {
         Applied::Command(outcome) => Ok(outcome),
-        Applied::Internal => Err(WriteError::Fatal(
+        Applied::Internal => Err(WriteError::Internal(
             "a command was applied as an internal entry".into(),
         )),
     }

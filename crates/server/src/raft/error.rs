@@ -20,6 +20,10 @@ pub enum WriteError {
     /// Raft stopped (shutdown or a fatal storage error).
     #[error("raft stopped: {0}")]
     Fatal(String),
+    /// A fault of this replica's own making (an answer of the wrong shape): not worth a
+    /// retry elsewhere.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A membership change was refused.
     #[error("membership change refused: {0}")]
     Membership(String),

@@ -50,6 +50,7 @@ fn write_error(e: WriteError) -> Status {
             status
         }
         WriteError::Fatal(m) => Status::unavailable(format!("replica cannot serve: {m}")),
+        WriteError::Internal(m) => Status::internal(m),
         WriteError::Membership(m) => Status::failed_precondition(m),
     }
 }
@@ -120,6 +121,12 @@ mod tests {
         assert_eq!(
             Status::from(ApiError::Unavailable("shutting down".into())).code(),
             Code::Unavailable
+        );
+        // A fault of the replica itself is not retried elsewhere as if Raft had stopped.
+        let internal = WriteError::Internal("wrong shape".into());
+        assert_eq!(
+            Status::from(ApiError::from(internal)).code(),
+            Code::Internal
         );
     }
 }

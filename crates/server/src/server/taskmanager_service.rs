@@ -104,8 +104,13 @@ impl TaskManagerServer {
         req: pb::HeartbeatRequest,
     ) -> Result<pb::HeartbeatResponse, ApiError> {
         let id = tm_id(&req.task_manager_id)?;
-        let reports = reports(req.updates, |job| self.tms.vertex_names(job))?;
-        let answer = self.tms.heartbeat(&id, &req.instance_id, reports).await?;
+        let updates = req.updates;
+        let answer = self
+            .tms
+            .heartbeat(&id, &req.instance_id, |tms| {
+                reports(updates, |job| tms.vertex_names(job))
+            })
+            .await?;
         let (registered, run, stop) = match answer {
             HeartbeatAnswer::Unregistered => (false, vec![], vec![]),
             HeartbeatAnswer::Registered { run, stop } => (true, run, stop),
