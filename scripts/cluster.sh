@@ -129,6 +129,15 @@ running() {
     return 1
 }
 
+# Sends a signal to one process this script started: only a plain positive pid above 1
+# (never 0, 1 or a negative group id, which would reach other processes), through bash's
+# builtin, never the external `kill` program (procps-ng 4.0.2 misreads negative pids).
+signal_child() {
+    local sig=$1 p=$2
+    [[ $p =~ ^[0-9]+$ ]] && ((p > 1)) || return 0
+    builtin kill "-$sig" "$p" 2>/dev/null || true
+}
+
 # SIGTERM to some of our processes, SIGKILL to those still running after the grace.
 stop_group() {
     local pids=() p deadline name
@@ -136,7 +145,7 @@ stop_group() {
         p=${pid_of[$name]:-}
         if [[ -n $p ]] && running "$p"; then
             pids+=("$p")
-            kill -TERM "$p" 2>/dev/null || true
+            signal_child TERM "$p"
         fi
     done
     deadline=$((SECONDS + stop_grace))
@@ -149,7 +158,7 @@ stop_group() {
     for p in "${pids[@]}"; do
         if running "$p"; then
             say "${name_of[$p]} (pid $p) did not stop within ${stop_grace} s: SIGKILL"
-            kill -KILL "$p" 2>/dev/null || true
+            signal_child KILL "$p"
         fi
     done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
@@ -160,7 +169,7 @@ stop() {
     trap - INT TERM EXIT
     stopping=1
     if [[ -n $pause_pid ]] && running "$pause_pid"; then
-        kill -TERM "$pause_pid" 2>/dev/null || true
+        signal_child TERM "$pause_pid"
         wait "$pause_pid" 2>/dev/null || true
     fi
     say "stopping the TaskManagers, then the replicas"
