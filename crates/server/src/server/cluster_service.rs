@@ -32,6 +32,9 @@ edge_service! {
         rpc add_node(AddNodeRequest) -> AddNodeResponse: Leader => add_node;
         rpc remove_node(RemoveNodeRequest) -> RemoveNodeResponse: Leader => remove_node;
         rpc snapshot(SnapshotRequest) -> Self::SnapshotStream: Linearizable => snapshot [stream];
+        rpc create_token(CreateTokenRequest) -> pb::CreateTokenResponse: Leader => create_token;
+        rpc list_tokens(ListTokensRequest) -> pb::ListTokensResponse: Linearizable => list_tokens;
+        rpc revoke_token(RevokeTokenRequest) -> pb::RevokeTokenResponse: Leader => revoke_token;
     }
 }
 
@@ -50,6 +53,27 @@ impl ClusterServer {
             forwarder: edge.forwarder.clone(),
             edge,
         }
+    }
+
+    async fn create_token(
+        &self,
+        _request: pb::CreateTokenRequest,
+    ) -> Result<pb::CreateTokenResponse, ApiError> {
+        Err(ApiError::Internal("tokens: work in progress".into()))
+    }
+
+    async fn list_tokens(
+        &self,
+        _request: pb::ListTokensRequest,
+    ) -> Result<pb::ListTokensResponse, ApiError> {
+        Err(ApiError::Internal("tokens: work in progress".into()))
+    }
+
+    async fn revoke_token(
+        &self,
+        _request: pb::RevokeTokenRequest,
+    ) -> Result<pb::RevokeTokenResponse, ApiError> {
+        Err(ApiError::Internal("tokens: work in progress".into()))
     }
 
     fn members(&self) -> Vec<Member> {

@@ -104,6 +104,9 @@ edge_request! {
     AddNodeRequest;
     RemoveNodeRequest;
     SnapshotRequest;
+    CreateTokenRequest;
+    ListTokensRequest;
+    RevokeTokenRequest;
     RaftMessage;
 }
 
