@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::access::Token;
 use super::types::{
     Attempt, JobId, JobSpec, JobState, Millis, PlacementStrategy, TaskKey, TaskManagerId,
     TaskManagerSpec, TaskState,
@@ -173,6 +174,32 @@ pub enum Command {
     /// writes that arrive while the previous log append is on disk, so that one append,
     /// one sync and one replication round serve them all. A batch never holds a batch.
     Batch(Vec<Command>),
+    /// Register (or re-register) a TaskManager on behalf of an authenticated principal,
+    /// which then owns the id while it stays registered: another principal's
+    /// registration of the live id is refused. (Older logs hold `RegisterTaskManager`,
+    /// which is an unowned registration.)
+    RegisterTaskManagerAs {
+        /// The registration.
+        spec: TaskManagerSpec,
+        /// Who registers it (`token:<name>`); empty when the cluster has no tokens.
+        owner: String,
+        /// Leader time.
+        now: Millis,
+    },
+    /// Create a bearer token (its hash; the secret never enters the log). With
+    /// `bootstrap`, only when the cluster has no token at all, so that a restart with
+    /// `--bootstrap-token-file` changes nothing.
+    CreateToken {
+        /// The token, stamped with the leader's time.
+        token: Token,
+        /// Create only if no token exists yet.
+        bootstrap: bool,
+    },
+    /// Revoke a token by name.
+    RevokeToken {
+        /// Its name.
+        name: String,
+    },
 }
 
 impl Command {
@@ -192,6 +219,9 @@ impl Command {
             Command::RestoreState { .. } => "RestoreState",
             Command::SetClusterConfig { .. } => "SetClusterConfig",
             Command::Batch(_) => "Batch",
+            Command::RegisterTaskManagerAs { .. } => "RegisterTaskManager",
+            Command::CreateToken { .. } => "CreateToken",
+            Command::RevokeToken { .. } => "RevokeToken",
         }
     }
 
@@ -210,7 +240,8 @@ impl Command {
     /// The TaskManager the command is about, for traces.
     pub fn task_manager(&self) -> Option<&TaskManagerId> {
         match self {
-            Command::RegisterTaskManager { spec, .. } => Some(&spec.id),
+            Command::RegisterTaskManager { spec, .. }
+            | Command::RegisterTaskManagerAs { spec, .. } => Some(&spec.id),
             Command::ExpireTaskManager { id, .. } | Command::UnregisterTaskManager { id, .. } => {
                 Some(id)
             }
@@ -295,6 +326,19 @@ pub enum Response {
     },
     /// Batch: each command's own result, in order.
     Batch(Vec<Result<Response, Rejection>>),
+    /// CreateToken: `created` is false for a bootstrap token when tokens already exist,
+    /// or for a retried command (same name and hash).
+    TokenCreated {
+        /// The token's name.
+        name: String,
+        /// Whether this command created it.
+        created: bool,
+    },
+    /// RevokeToken.
+    TokenRevoked {
+        /// The token's name.
+        name: String,
+    },
 }
 
 /// Why a command was rejected. A rejected command changes nothing.
@@ -410,6 +454,34 @@ pub enum Rejection {
         checkpoint_id: u64,
         /// Why.
         reason: String,
+    },
+    /// A token of that name exists (with another secret or role).
+    #[error("a token named {name:?} already exists")]
+    TokenExists {
+        /// The name.
+        name: String,
+    },
+    /// No token has that name.
+    #[error("no token is named {name:?}")]
+    UnknownToken {
+        /// The name.
+        name: String,
+    },
+    /// Revoking it would leave no admin token, locking every operator out.
+    #[error(
+        "token {name:?} is the last admin token; create another admin token before revoking it"
+    )]
+    LastAdminToken {
+        /// The name.
+        name: String,
+    },
+    /// The TaskManager id is registered by another principal.
+    #[error("TaskManager {id} is registered by another identity ({owner}); it can take the id over only once that registration ends")]
+    TaskManagerOwned {
+        /// The id.
+        id: TaskManagerId,
+        /// Who registered it.
+        owner: String,
     },
 }
 

@@ -38,11 +38,37 @@ macro_rules! ensure {
 pub fn check(state: &DispatcherState) -> Result<(), Violation> {
     check_slots(state)?;
     check_jobs(state)?;
+    check_access(state)?;
     ensure!(
         state.derived() == state.derived_from_scratch(),
         "derived indexes or counters differ from a rebuild:\n kept:    {:?}\n rebuilt: {:?}",
         state.derived(),
         state.derived_from_scratch()
+    );
+    Ok(())
+}
+
+/// Tokens are valid, at least one admin remains once any token exists, and only live
+/// TaskManagers have owners.
+fn check_access(state: &DispatcherState) -> Result<(), Violation> {
+    for token in state.tokens().values() {
+        ensure!(
+            crate::state::validate_token(token).is_ok(),
+            "token {:?} is invalid",
+            token.name
+        );
+    }
+    ensure!(
+        !state.has_tokens()
+            || state
+                .tokens()
+                .values()
+                .any(|t| t.role == crate::state::Role::Admin),
+        "tokens exist but none is an admin token"
+    );
+    ensure!(
+        state.owned_ids().all(|id| state.task_manager(id).is_some()),
+        "an owner is recorded for a TaskManager that is not registered"
     );
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! leader stamps into commands; `apply` is a pure function of the state and the command,
 //! so every replica that applies the same log reaches the same state (and digest).
 
+pub mod access;
 mod command;
 pub mod invariants;
 mod machine;
@@ -14,12 +15,17 @@ mod types;
 mod validate;
 
 #[cfg(test)]
+mod access_tests;
+#[cfg(test)]
 mod tests;
 
+pub use access::{Permission, Role, Token};
 pub use command::{
     ClusterConfig, Command, Counters, Rejection, ReportOutcome, Response, TaskReport,
 };
 pub use machine::{Assignment, DispatcherState, PendingReason, PendingReasons};
 pub use placement::{Capacity, SlotIndex};
 pub use types::*;
-pub use validate::{validate_cluster_config, validate_job_spec, validate_task_manager};
+pub use validate::{
+    validate_cluster_config, validate_job_spec, validate_task_manager, validate_token,
+};

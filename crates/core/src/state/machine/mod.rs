@@ -15,11 +15,13 @@
 //! - `reports`: task state reports from TaskManagers;
 //! - `checkpoints`: checkpoint ids and completed-checkpoint pointers;
 //! - `queue`: the placement queue and gang placement;
-//! - `pending`: why a queued job is not placed (derived at read time, never stored).
+//! - `pending`: why a queued job is not placed (derived at read time, never stored);
+//! - `access`: tokens and who registered each live TaskManager.
 //!
 //! Architecture invariant, for every file here: nothing does I/O, reads a clock or draws
 //! a random number; time enters only as the `now` that the leader stamps into commands.
 
+mod access;
 mod checkpoints;
 mod jobs;
 mod pending;
@@ -31,6 +33,7 @@ mod task_managers;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::access::Token;
 use super::command::{ClusterConfig, Command, Counters, Rejection, Response};
 use super::placement::SlotIndex;
 use super::types::{Job, JobId, Millis, TaskManager, TaskManagerId};
@@ -52,8 +55,13 @@ pub struct DispatcherState {
     rr_cursor: Option<TaskManagerId>,
     jobs: BTreeMap<JobId, Job>,
     task_managers: BTreeMap<TaskManagerId, TaskManager>,
+    /// Bearer tokens by name.
+    tokens: BTreeMap<String, Token>,
+    /// Who registered each live TaskManager (only registrations made with a token).
+    owners: BTreeMap<TaskManagerId, String>,
 
     // Derived, never encoded.
+    token_hashes: BTreeMap<String, String>,
     index: SlotIndex,
     queue: BTreeSet<QueueKey>,
     restarts: BTreeSet<(Millis, JobId)>,
@@ -78,7 +86,10 @@ impl DispatcherState {
         match command {
             Command::SubmitJob { job_id, spec, now } => self.submit(job_id, spec, now),
             Command::CancelJob { job_id, now } => self.cancel(&job_id, now),
-            Command::RegisterTaskManager { spec, now } => self.register(spec, now),
+            Command::RegisterTaskManager { spec, now } => self.register(spec, String::new(), now),
+            Command::RegisterTaskManagerAs { spec, owner, now } => self.register(spec, owner, now),
+            Command::CreateToken { token, bootstrap } => self.create_token(token, bootstrap),
+            Command::RevokeToken { name } => self.revoke_token(&name),
             Command::ExpireTaskManager { id, instance, now } => {
                 self.remove_task_manager(&id, &instance, now, "lease expired")
             }

@@ -15,9 +15,11 @@ impl DispatcherState {
     pub(super) fn register(
         &mut self,
         spec: TaskManagerSpec,
+        owner: String,
         now: Millis,
     ) -> Result<Response, Rejection> {
         validate_task_manager(&spec, &self.config)?;
+        self.check_owner(&spec.id, &owner)?;
         let mut failed = 0;
         if let Some(existing) = self.task_managers.get(&spec.id) {
             if existing.spec.instance == spec.instance {
@@ -58,6 +60,9 @@ impl DispatcherState {
         self.counters.total_slots += u64::from(tm.spec.slots);
         self.counters.free_slots += u64::from(tm.spec.slots);
         self.task_managers.insert(id.clone(), tm);
+        if !owner.is_empty() {
+            self.owners.insert(id.clone(), owner);
+        }
         self.place_queue();
         Ok(Response::Registered {
             id,
@@ -102,6 +107,7 @@ impl DispatcherState {
         let Some(tm) = self.task_managers.remove(id) else {
             return 0;
         };
+        self.owners.remove(id);
         self.index.remove(&tm);
         self.counters.total_slots -= u64::from(tm.spec.slots);
         self.counters.free_slots -= u64::from(tm.free_slots());
