@@ -38,13 +38,13 @@ impl Role {
 
     /// Whether the role grants `permission`.
     pub fn allows(self, permission: Permission) -> bool {
-        match (self, permission) {
-            (Role::Admin, _) => true,
-            (Role::Submit, Permission::Submit | Permission::Read) => true,
-            (Role::Read, Permission::Read) => true,
-            (Role::TaskManager, Permission::TaskManager) => true,
-            _ => false,
-        }
+        matches!(
+            (self, permission),
+            (Role::Admin, _)
+                | (Role::Submit, Permission::Submit | Permission::Read)
+                | (Role::Read, Permission::Read)
+                | (Role::TaskManager, Permission::TaskManager)
+        )
     }
 
     /// Whether the role sees the values of job environments (secrets).

@@ -302,6 +302,69 @@ pub fn validate_cluster_config(config: &ClusterConfig) -> Result<(), Rejection> 
     Ok(())
 }
 
+/// Most TaskManager bindings one token may carry.
+pub const MAX_TOKEN_BINDINGS: usize = 64;
+
+/// Checks a token before it is proposed (and again in `apply`): its name, its hash, and
+/// that only a TaskManager token names TaskManagers, at least one.
+pub fn validate_token(token: &Token) -> Result<(), Rejection> {
+    let name_ok = !token.name.is_empty()
+        && token.name.len() <= 64
+        && token
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !name_ok {
+        return Err(Rejection::invalid(
+            "name",
+            "must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' and '-'",
+        ));
+    }
+    let hash_ok = token.hash.len() == 64
+        && token
+            .hash
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+    if !hash_ok {
+        return Err(Rejection::invalid(
+            "hash",
+            "must be a lower-case hex SHA-256 (64 characters)",
+        ));
+    }
+    match (token.role, token.task_managers.is_empty()) {
+        (Role::TaskManager, true) => {
+            return Err(Rejection::invalid(
+                "task_managers",
+                "a taskmanager token must name at least one TaskManager id it may act for",
+            ))
+        }
+        (Role::TaskManager, false) => {}
+        (role, false) => {
+            return Err(Rejection::invalid(
+                "task_managers",
+                format!("only a taskmanager token names TaskManagers, not a {role} token"),
+            ))
+        }
+        (_, true) => {}
+    }
+    if token.task_managers.len() > MAX_TOKEN_BINDINGS {
+        return Err(Rejection::invalid(
+            "task_managers",
+            format!("at most {MAX_TOKEN_BINDINGS} entries"),
+        ));
+    }
+    for (i, binding) in token.task_managers.iter().enumerate() {
+        let body = binding.strip_suffix('*').unwrap_or(binding);
+        if binding.is_empty() || binding.len() > 256 || body.contains('*') {
+            return Err(Rejection::invalid(
+                format!("task_managers[{i}]"),
+                "must be a TaskManager id, or a prefix followed by one '*' (1-256 characters)",
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,67 +504,4 @@ mod tests {
         tm.slots = 4;
         assert_eq!(validate_task_manager(&tm, &c), Ok(()));
     }
-}
-
-/// Most TaskManager bindings one token may carry.
-pub const MAX_TOKEN_BINDINGS: usize = 64;
-
-/// Checks a token before it is proposed (and again in `apply`): its name, its hash, and
-/// that only a TaskManager token names TaskManagers, at least one.
-pub fn validate_token(token: &Token) -> Result<(), Rejection> {
-    let name_ok = !token.name.is_empty()
-        && token.name.len() <= 64
-        && token
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if !name_ok {
-        return Err(Rejection::invalid(
-            "name",
-            "must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' and '-'",
-        ));
-    }
-    let hash_ok = token.hash.len() == 64
-        && token
-            .hash
-            .chars()
-            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
-    if !hash_ok {
-        return Err(Rejection::invalid(
-            "hash",
-            "must be a lower-case hex SHA-256 (64 characters)",
-        ));
-    }
-    match (token.role, token.task_managers.is_empty()) {
-        (Role::TaskManager, true) => {
-            return Err(Rejection::invalid(
-                "task_managers",
-                "a taskmanager token must name at least one TaskManager id it may act for",
-            ))
-        }
-        (Role::TaskManager, false) => {}
-        (role, false) => {
-            return Err(Rejection::invalid(
-                "task_managers",
-                format!("only a taskmanager token names TaskManagers, not a {role} token"),
-            ))
-        }
-        (_, true) => {}
-    }
-    if token.task_managers.len() > MAX_TOKEN_BINDINGS {
-        return Err(Rejection::invalid(
-            "task_managers",
-            format!("at most {MAX_TOKEN_BINDINGS} entries"),
-        ));
-    }
-    for (i, binding) in token.task_managers.iter().enumerate() {
-        let body = binding.strip_suffix('*').unwrap_or(binding);
-        if binding.is_empty() || binding.len() > 256 || body.contains('*') {
-            return Err(Rejection::invalid(
-                format!("task_managers[{i}]"),
-                "must be a TaskManager id, or a prefix followed by one '*' (1-256 characters)",
-            ));
-        }
-    }
-    Ok(())
 }
