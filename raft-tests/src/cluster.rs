@@ -126,6 +126,7 @@ impl Cluster {
             raft: self.boot_settings(id),
             state_config: ClusterConfig::default(),
             peer_addresses: BTreeMap::new(),
+            peer_tls: None,
         };
         let network = RouterNetwork {
             from: id,

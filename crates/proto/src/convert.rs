@@ -10,6 +10,26 @@ use dispatcher_core::state::{
     Rejection, RestartStrategy, TaskSpec, TaskState, VertexSpec,
 };
 
+/// What a reader without the right to see secrets gets instead of an env value.
+pub const REDACTED: &str = "<redacted>";
+
+/// Replaces every environment value of the job's spec with [`REDACTED`], keeping the
+/// keys: env values are secrets, shown only to admin tokens.
+pub fn redact_secrets(status: &mut pb::JobStatus) {
+    let Some(spec) = status.spec.as_mut() else {
+        return;
+    };
+    for vertex in &mut spec.vertices {
+        if let Some(pb::task::Kind::Command(command)) =
+            vertex.task.as_mut().and_then(|t| t.kind.as_mut())
+        {
+            for value in command.env.values_mut() {
+                *value = REDACTED.to_string();
+            }
+        }
+    }
+}
+
 /// Parses a job id field.
 pub fn job_id(field: &str, raw: &str) -> Result<JobId, Rejection> {
     if raw.is_empty() {

@@ -21,6 +21,12 @@ pub enum ApiError {
     /// This replica cannot serve now (shutting down); another replica may.
     #[error("{0}")]
     Unavailable(String),
+    /// The call carries no token, or one the cluster does not know.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller is known but may not make this call.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A fault of this replica, not of the request.
     #[error("{0}")]
     Internal(String),

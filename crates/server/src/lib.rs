@@ -12,6 +12,7 @@
 //!   the peer transport and the replica.
 //! - [`server`]: the gRPC edge (every RPC passes through `server::edge`), services,
 //!   error mapping, forwarding, configuration, `run`.
+//! - [`tls`]: the replica's TLS material and how it dials peers (`replica-<id>` names).
 //! - [`taskmanagers`]: the leader's side of the TaskManager protocol, in domain terms.
 //! - [`watch`]: job watches, from the applied state.
 //! - [`error`]: what can go wrong serving a request.
@@ -27,4 +28,5 @@ pub mod logging;
 pub mod raft;
 pub mod server;
 pub mod taskmanagers;
+pub mod tls;
 pub mod watch;

@@ -8,6 +8,10 @@
 //! a deposed or lagging leader never tells a TaskManager it is unknown, nor hands it a
 //! stale list of attempts.
 //!
+//! Identity: a registration records who made it (the caller's principal), and the
+//! heartbeats and unregistration of that id are accepted only from the same principal
+//! while it stays registered. Instance ids are not secrets.
+//!
 //! Architecture invariant: proposes commands and reads the applied state; knows no
 //! gRPC.
 
@@ -48,17 +52,24 @@ impl TaskManagers {
         TaskManagers { replica, liveness }
     }
 
-    /// Registers an instance; returns the attempts it should run (a re-registration
-    /// after a failover keeps its attempts).
-    pub async fn register(&self, spec: TaskManagerSpec) -> Result<Vec<Assignment>, ApiError> {
+    /// Registers an instance on behalf of `owner` (a principal; empty when the cluster
+    /// has no tokens); returns the attempts it should run (a re-registration after a
+    /// failover keeps its attempts). Another principal's live registration of the id is
+    /// refused.
+    pub async fn register(
+        &self,
+        spec: TaskManagerSpec,
+        owner: String,
+    ) -> Result<Vec<Assignment>, ApiError> {
         {
             let g = self.replica.state.read();
             state::validate_task_manager(&spec, g.state.config())?;
         }
         let (id, instance) = (spec.id.clone(), spec.instance.clone());
         self.replica
-            .propose(Command::RegisterTaskManager {
+            .propose(Command::RegisterTaskManagerAs {
                 spec,
+                owner,
                 now: wall_clock_ms(),
             })
             .await??;
@@ -75,8 +86,10 @@ impl TaskManagers {
         &self,
         id: &TaskManagerId,
         instance: &str,
+        principal: &str,
         reports: impl FnOnce(&Self) -> Result<Vec<TaskReport>, ApiError>,
     ) -> Result<HeartbeatAnswer, ApiError> {
+        self.check_owner(id, principal)?;
         if !self.registered(id, instance) {
             return Ok(HeartbeatAnswer::Unregistered);
         }
@@ -115,8 +128,17 @@ impl TaskManagers {
         })
     }
 
-    /// Unregisters an instance; unregistering one that is already gone succeeds.
-    pub async fn unregister(&self, id: &TaskManagerId, instance: &str) -> Result<(), ApiError> {
+    /// Unregisters an instance on behalf of `principal` (`None`: an administrator, who
+    /// may unregister any); unregistering one that is already gone succeeds.
+    pub async fn unregister(
+        &self,
+        id: &TaskManagerId,
+        instance: &str,
+        principal: Option<&str>,
+    ) -> Result<(), ApiError> {
+        if let Some(principal) = principal {
+            self.check_owner(id, principal)?;
+        }
         if self.registered(id, instance) {
             let outcome = self
                 .replica
@@ -142,6 +164,17 @@ impl TaskManagers {
         g.state
             .job(job)
             .map(|j| j.spec.vertices.iter().map(|v| v.name.clone()).collect())
+    }
+
+    /// Refuses `principal` acting for a TaskManager that another principal registered.
+    fn check_owner(&self, id: &TaskManagerId, principal: &str) -> Result<(), ApiError> {
+        let g = self.replica.state.read();
+        match g.state.owner_of(id) {
+            Some(owner) if owner != principal => Err(ApiError::PermissionDenied(format!(
+                "TaskManager {id} was registered by another identity; only it may heartbeat or unregister"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     fn registered(&self, id: &TaskManagerId, instance: &str) -> bool {

@@ -130,6 +130,13 @@ impl Token {
     }
 }
 
+/// The hash under which a token's secret is stored and looked up: lower-case hex
+/// SHA-256. The secret is 256 random bits, so a fast hash is enough (no dictionary to
+/// guard against).
+pub fn hash_secret(secret: &str) -> String {
+    crate::codec::digest_hex(secret.as_bytes())
+}
+
 /// Whether a binding (`tm-1`, or `tm-*` for a prefix) covers `id`.
 pub fn binding_matches(pattern: &str, id: &str) -> bool {
     match pattern.strip_suffix('*') {

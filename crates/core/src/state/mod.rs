@@ -19,7 +19,7 @@ mod access_tests;
 #[cfg(test)]
 mod tests;
 
-pub use access::{Permission, Role, Token};
+pub use access::{hash_secret, Permission, Role, Token};
 pub use command::{
     ClusterConfig, Command, Counters, Rejection, ReportOutcome, Response, TaskReport,
 };

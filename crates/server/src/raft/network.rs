@@ -31,7 +31,7 @@ use openraft::raft::{
 use openraft::AnyError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::{Node, NodeId, TypeConfig};
 use dispatcher_core::codec;
@@ -50,6 +50,8 @@ pub struct NetworkConfig {
     /// Addresses this replica uses to reach given peers instead of their advertised
     /// ones (a NAT or port forward between replicas, or the chaos harness's proxies).
     pub peer_addresses: std::collections::BTreeMap<NodeId, String>,
+    /// TLS to peers (this replica's certificate, the cluster CA); `None` for plain text.
+    pub tls: Option<crate::tls::PeerTls>,
 }
 
 impl Default for NetworkConfig {
@@ -57,6 +59,7 @@ impl Default for NetworkConfig {
         NetworkConfig {
             connect_timeout: Duration::from_millis(500),
             peer_addresses: Default::default(),
+            tls: None,
         }
     }
 }
@@ -89,13 +92,12 @@ impl GrpcNetwork {
         }
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, String> {
+    fn channel(&self, target: NodeId, addr: &str) -> Result<Channel, String> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
+        let endpoint = crate::tls::peer_endpoint(target, addr, self.config.tls.as_ref())?
             .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -120,7 +122,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             id: self.id,
             target,
             node: node.clone(),
-            channel: self.channel(&addr),
+            channel: self.channel(target, &addr),
             addr,
             peers: self.peers.clone(),
         }

@@ -127,6 +127,8 @@ pub struct ReplicaOptions {
     pub state_config: ClusterConfig,
     /// Addresses to reach given peers at instead of their advertised ones.
     pub peer_addresses: BTreeMap<NodeId, String>,
+    /// TLS to peers, if the cluster runs TLS.
+    pub peer_tls: Option<crate::tls::PeerTls>,
 }
 
 /// A running Raft replica.
@@ -176,6 +178,7 @@ impl Replica {
             opts.id,
             NetworkConfig {
                 peer_addresses: opts.peer_addresses.clone(),
+                tls: opts.peer_tls.clone(),
                 ..NetworkConfig::default()
             },
         );

@@ -7,11 +7,13 @@ use std::time::Duration;
 use openraft::ServerState;
 use tonic::Request;
 
-use super::edge::{BoxStream, Edge};
+use super::auth::AUTHORIZATION;
+use super::edge::{BoxStream, Caller, Edge};
 use super::forward::Forwarder;
 use super::status::ApiError;
 use crate::raft::replica::Replica;
 use crate::raft::NodeId;
+use dispatcher_core::state::{self, hash_secret, Command, Response, Role, Token};
 use dispatcher_proto::v1 as pb;
 use dispatcher_proto::v1::cluster_service_client::ClusterServiceClient;
 use dispatcher_proto::v1::cluster_service_server::ClusterService;
@@ -28,13 +30,13 @@ const SNAPSHOT_CHUNK: usize = 1 << 20;
 edge_service! {
     ClusterService for ClusterServer, forward with ClusterServiceClient {
         type SnapshotStream = BoxStream<pb::SnapshotChunk>;
-        rpc status(StatusRequest) -> StatusResponse: Local => status;
-        rpc add_node(AddNodeRequest) -> AddNodeResponse: Leader => add_node;
-        rpc remove_node(RemoveNodeRequest) -> RemoveNodeResponse: Leader => remove_node;
-        rpc snapshot(SnapshotRequest) -> Self::SnapshotStream: Linearizable => snapshot [stream];
-        rpc create_token(CreateTokenRequest) -> pb::CreateTokenResponse: Leader => create_token;
-        rpc list_tokens(ListTokensRequest) -> pb::ListTokensResponse: Linearizable => list_tokens;
-        rpc revoke_token(RevokeTokenRequest) -> pb::RevokeTokenResponse: Leader => revoke_token;
+        rpc status(StatusRequest) -> StatusResponse: Local, Read => status(caller);
+        rpc add_node(AddNodeRequest) -> AddNodeResponse: Leader, Admin => add_node;
+        rpc remove_node(RemoveNodeRequest) -> RemoveNodeResponse: Leader, Admin => remove_node;
+        rpc snapshot(SnapshotRequest) -> Self::SnapshotStream: Linearizable, Admin => snapshot [stream];
+        rpc create_token(CreateTokenRequest) -> pb::CreateTokenResponse: Leader, Admin => create_token;
+        rpc list_tokens(ListTokensRequest) -> pb::ListTokensResponse: Linearizable, Admin => list_tokens;
+        rpc revoke_token(RevokeTokenRequest) -> pb::RevokeTokenResponse: Leader, Admin => revoke_token;
     }
 }
 
@@ -55,25 +57,61 @@ impl ClusterServer {
         }
     }
 
+    /// Draws a secret, proposes its hash, and returns the secret once.
     async fn create_token(
         &self,
-        _request: pb::CreateTokenRequest,
+        req: pb::CreateTokenRequest,
     ) -> Result<pb::CreateTokenResponse, ApiError> {
-        Err(ApiError::Internal("tokens: work in progress".into()))
+        let role = role_from_pb(req.role)?;
+        let secret = new_secret();
+        let token = Token {
+            name: req.name,
+            role,
+            hash: hash_secret(&secret),
+            task_managers: req.task_managers,
+            created_at: crate::leader::wall_clock_ms(),
+        };
+        state::validate_token(&token)?;
+        let info = token_info(&token);
+        match self
+            .replica
+            .propose(Command::CreateToken {
+                token,
+                bootstrap: false,
+            })
+            .await??
+        {
+            Response::TokenCreated { .. } => {}
+            other => return Err(ApiError::Internal(format!("unexpected response {other:?}"))),
+        }
+        tracing::info!(token = %info.name, role = %role, "token created");
+        Ok(pb::CreateTokenResponse {
+            token: Some(info),
+            secret,
+        })
     }
 
     async fn list_tokens(
         &self,
-        _request: pb::ListTokensRequest,
+        _req: pb::ListTokensRequest,
     ) -> Result<pb::ListTokensResponse, ApiError> {
-        Err(ApiError::Internal("tokens: work in progress".into()))
+        let g = self.replica.state.read();
+        Ok(pb::ListTokensResponse {
+            tokens: g.state.tokens().values().map(token_info).collect(),
+        })
     }
 
     async fn revoke_token(
         &self,
-        _request: pb::RevokeTokenRequest,
+        req: pb::RevokeTokenRequest,
     ) -> Result<pb::RevokeTokenResponse, ApiError> {
-        Err(ApiError::Internal("tokens: work in progress".into()))
+        self.replica
+            .propose(Command::RevokeToken {
+                name: req.name.clone(),
+            })
+            .await??;
+        tracing::info!(token = %req.name, "token revoked");
+        Ok(pb::RevokeTokenResponse {})
     }
 
     fn members(&self) -> Vec<Member> {
@@ -121,7 +159,8 @@ impl ClusterServer {
         }
     }
 
-    async fn peer_status(&self, member: &Member) -> ReplicaStatus {
+    /// A peer's own status, asked with the caller's token (the peer authorizes it).
+    async fn peer_status(&self, member: &Member, caller: &Caller) -> ReplicaStatus {
         let unreachable = ReplicaStatus {
             id: member.id,
             address: member.address.clone(),
@@ -129,10 +168,13 @@ impl ClusterServer {
             reachable: false,
             ..ReplicaStatus::default()
         };
-        let Ok(channel) = self.forwarder.channel(&member.address) else {
+        let Ok(channel) = self.forwarder.channel(member.id, &member.address) else {
             return unreachable;
         };
         let mut req = Request::new(StatusRequest { local_only: true });
+        if let Some(token) = caller.authorization() {
+            req.metadata_mut().insert(AUTHORIZATION, token.clone());
+        }
         req.set_timeout(PEER_STATUS_TIMEOUT);
         let mut client = ClusterServiceClient::new(channel);
         let call = client.status(req);
@@ -148,6 +190,42 @@ impl ClusterServer {
     }
 }
 
+/// A new token secret: 256 bits from the operating system's generator, in hex.
+pub fn new_secret() -> String {
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn role_from_pb(raw: i32) -> Result<Role, ApiError> {
+    match pb::TokenRole::try_from(raw) {
+        Ok(pb::TokenRole::Admin) => Ok(Role::Admin),
+        Ok(pb::TokenRole::Submit) => Ok(Role::Submit),
+        Ok(pb::TokenRole::Read) => Ok(Role::Read),
+        Ok(pb::TokenRole::TaskManager) => Ok(Role::TaskManager),
+        _ => Err(ApiError::invalid(
+            "role",
+            "must be ADMIN, SUBMIT, READ or TASK_MANAGER",
+        )),
+    }
+}
+
+fn token_info(t: &Token) -> pb::TokenInfo {
+    let role = match t.role {
+        Role::Admin => pb::TokenRole::Admin,
+        Role::Submit => pb::TokenRole::Submit,
+        Role::Read => pb::TokenRole::Read,
+        Role::TaskManager => pb::TokenRole::TaskManager,
+    };
+    pb::TokenInfo {
+        name: t.name.clone(),
+        role: role as i32,
+        task_managers: t.task_managers.clone(),
+        created_at_ms: t.created_at,
+    }
+}
+
 fn check_address(field: &str, addr: &str) -> Result<(), ApiError> {
     match addr.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
@@ -159,7 +237,7 @@ fn check_address(field: &str, addr: &str) -> Result<(), ApiError> {
 }
 
 impl ClusterServer {
-    async fn status(&self, req: StatusRequest) -> Result<StatusResponse, ApiError> {
+    async fn status(&self, caller: Caller, req: StatusRequest) -> Result<StatusResponse, ApiError> {
         let local = self.local_status();
         let leader = self.replica.leader();
         let mut replicas = vec![];
@@ -168,7 +246,8 @@ impl ClusterServer {
             replicas.push(local);
         } else {
             let others = members.iter().filter(|m| m.id != self.replica.id);
-            let mut fetched = futures::future::join_all(others.map(|m| self.peer_status(m))).await;
+            let mut fetched =
+                futures::future::join_all(others.map(|m| self.peer_status(m, &caller))).await;
             replicas.push(local);
             replicas.append(&mut fetched);
             replicas.sort_by_key(|r| r.id);

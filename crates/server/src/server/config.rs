@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::leader::LivenessSettings;
 use crate::raft::replica::RaftSettings;
 use crate::raft::NodeId;
+pub use crate::tls::TlsFiles;
 
 /// A configuration problem, naming the setting or the file and line.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +117,27 @@ pub struct Args {
     /// --initial-cluster) with an empty data directory.
     #[arg(long, env = "DISPATCHER_RESTORE")]
     pub restore: Option<PathBuf>,
+    /// This replica's TLS certificate (PEM). With --tls-key and --tls-ca, every port
+    /// serves TLS only, peers are dialed over TLS, and tokens are required. The
+    /// certificate must carry the DNS name `replica-<id>` (see docs/security.md).
+    #[arg(long, env = "DISPATCHER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "DISPATCHER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster's CA certificate (PEM): peers' and clients' certificates must chain to it.
+    #[arg(long, env = "DISPATCHER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// A file holding the first admin token's secret (32-512 printable characters; see
+    /// `dispatchctl dev-certs`). Read once at start, only its hash is kept; this replica
+    /// creates the token once it leads and the cluster has no token yet, so restarts
+    /// with it change nothing. Also makes this replica require tokens from its start.
+    #[arg(long, env = "DISPATCHER_BOOTSTRAP_TOKEN_FILE")]
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// Allow a --listen address reachable from other hosts without TLS (and so without
+    /// protected tokens). Logs a warning at every start.
+    #[arg(long, env = "DISPATCHER_INSECURE")]
+    pub insecure: bool,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -136,6 +158,11 @@ struct FileConfig {
     peer_addresses: Option<String>,
     tm_heartbeat_ms: Option<u64>,
     tm_lease_ms: Option<u64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    bootstrap_token_file: Option<PathBuf>,
+    insecure: Option<bool>,
 }
 
 /// A validated replica configuration.
@@ -163,6 +190,54 @@ pub struct ServerConfig {
     pub peer_addresses: BTreeMap<NodeId, String>,
     /// TaskManager heartbeats and leases.
     pub liveness: LivenessSettings,
+    /// TLS files, when the replica serves TLS.
+    pub tls: Option<TlsFiles>,
+    /// SHA-256 (hex) of the bootstrap admin token, never the secret itself.
+    pub bootstrap_token_hash: Option<String>,
+    /// Plain text on a non-loopback address was explicitly allowed.
+    pub insecure: bool,
+}
+
+/// Reads the bootstrap token file: one secret of 32-512 printable ASCII characters
+/// (surrounding whitespace ignored). Returns its hash; the secret is dropped here.
+pub fn read_bootstrap_token(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let secret = text.trim();
+    let printable = secret.chars().all(|c| c.is_ascii_graphic());
+    if !(32..=512).contains(&secret.len()) || !printable {
+        return Err(ConfigError::File {
+            path: path.to_path_buf(),
+            message: "must hold one token of 32-512 printable characters without spaces (dispatchctl dev-certs writes one)".into(),
+        });
+    }
+    Ok(dispatcher_core::state::hash_secret(secret))
+}
+
+fn tls_files(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    match (cert, key, ca) {
+        (None, None, None) => Ok(None),
+        (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsFiles { cert, key, ca })),
+        (cert, key, _) => {
+            let missing = if cert.is_none() {
+                "--tls-cert"
+            } else if key.is_none() {
+                "--tls-key"
+            } else {
+                "--tls-ca"
+            };
+            Err(invalid(
+                missing,
+                "TLS needs all three of --tls-cert, --tls-key and --tls-ca",
+            ))
+        }
+    }
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -284,6 +359,16 @@ impl Args {
                 })?,
                 None => BTreeMap::new(),
             },
+            tls: tls_files(
+                self.tls_cert.or(file.tls_cert),
+                self.tls_key.or(file.tls_key),
+                self.tls_ca.or(file.tls_ca),
+            )?,
+            bootstrap_token_hash: match self.bootstrap_token_file.or(file.bootstrap_token_file) {
+                Some(path) => Some(read_bootstrap_token(&path)?),
+                None => None,
+            },
+            insecure: self.insecure || file.insecure.unwrap_or(false),
             liveness: {
                 let d = LivenessSettings::default();
                 LivenessSettings {
@@ -309,6 +394,15 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.id == 0 {
             return Err(invalid("--id", "replica ids start at 1"));
+        }
+        if !self.listen.ip().is_loopback() && self.tls.is_none() && !self.insecure {
+            return Err(invalid(
+                "--listen",
+                format!(
+                    "{} is reachable from other hosts, and without TLS its tokens and job secrets travel in clear text: give --tls-cert, --tls-key and --tls-ca (and --bootstrap-token-file on a new cluster; `dispatchctl dev-certs` writes development ones), or --insecure to accept the risk",
+                    self.listen
+                ),
+            ));
         }
         if !self.initial_cluster.is_empty() && !self.initial_cluster.contains_key(&self.id) {
             return Err(invalid(

@@ -8,8 +8,12 @@
 //! decide where they run; `status` turns their errors into `Status`.
 //!
 //! A request that arrives during an election waits for the new leader, within its
-//! deadline, instead of failing at once. Authentication and authorization belong here,
-//! before a handler runs.
+//! deadline, instead of failing at once.
+//!
+//! Authentication and authorization happen here first, before a request is forwarded or
+//! a handler runs: each RPC's table entry names the [`Access`] it needs, and the handler
+//! receives the established [`Caller`] (see `auth`). A forwarded call carries the
+//! caller's token, and the leader checks it again.
 
 use std::future::Future;
 use std::time::Duration;
@@ -19,6 +23,8 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use tracing::Instrument as _;
 
+use super::auth::Authenticator;
+pub use super::auth::{Access, Caller};
 use super::forward::{self, Forwarder};
 use super::status::{ApiError, LEADER_ADDRESS_KEY};
 use crate::raft::error::WriteError;
@@ -53,13 +59,16 @@ impl Consistency {
     }
 }
 
-/// One RPC as the edge sees it: its name (for traces) and its consistency.
+/// One RPC as the edge sees it: its name (for traces), its consistency and what the
+/// caller needs.
 #[derive(Clone, Copy, Debug)]
 pub struct Rpc {
     /// The method's name, e.g. `SubmitJob`.
     pub name: &'static str,
     /// Where it is served.
     pub consistency: Consistency,
+    /// What the caller needs.
+    pub access: Access,
 }
 
 /// What the edge reads from a request message: whether the caller accepts a stale
@@ -117,11 +126,14 @@ pub struct Edge {
     pub replica: Replica,
     /// Channels to leaders (and peers).
     pub forwarder: Forwarder,
+    /// Who may call.
+    pub auth: Authenticator,
 }
 
 impl Edge {
-    /// Serves one call: decides where (from `rpc` and the request), forwards with
-    /// `forward` or runs `local` on the message here, and maps errors to `Status`.
+    /// Serves one call: authenticates the caller, decides where (from `rpc` and the
+    /// request), forwards with `forward` or runs `local` on the caller and the message
+    /// here, and maps errors to `Status`.
     pub async fn serve<Req, Resp, F, FF, L, LF>(
         &self,
         rpc: Rpc,
@@ -133,14 +145,26 @@ impl Edge {
         Req: EdgeRequest + Clone,
         F: Fn(Channel, Request<Req>) -> FF,
         FF: Future<Output = Result<tonic::Response<Resp>, Status>>,
-        L: FnOnce(Req) -> LF,
+        L: FnOnce(Caller, Req) -> LF,
         LF: Future<Output = Result<Resp, ApiError>>,
     {
         let span = span(rpc, &request);
         async move {
+            let caller = self
+                .auth
+                .authenticate(
+                    rpc.name,
+                    rpc.access,
+                    request.metadata(),
+                    request.peer_certs(),
+                )
+                .map_err(|e| {
+                    tracing::info!(error = %e, "refused at the edge");
+                    Status::from(e)
+                })?;
             let consistency = rpc.consistency.for_request(request.get_ref().stale());
             if consistency != Consistency::Local {
-                if let Some(answer) = self.forward_or_local(&request, forward).await? {
+                if let Some(answer) = self.forward_or_local(&request, &caller, forward).await? {
                     return Ok(answer);
                 }
                 if consistency == Consistency::Linearizable {
@@ -150,7 +174,7 @@ impl Edge {
                         .map_err(|e| Status::from(ApiError::from(e)))?;
                 }
             }
-            match local(request.into_inner()).await {
+            match local(caller, request.into_inner()).await {
                 Ok(answer) => Ok(tonic::Response::new(answer)),
                 Err(e) => {
                     tracing::debug!(error = %e, "refused");
@@ -178,6 +202,7 @@ impl Edge {
     async fn forward_or_local<Req, Resp, F, Fut>(
         &self,
         request: &Request<Req>,
+        caller: &Caller,
         call: F,
     ) -> Result<Option<tonic::Response<Resp>>, Status>
     where
@@ -196,7 +221,11 @@ impl Edge {
             tracing::debug!(leader, "forwarding to the leader");
             match call(
                 channel,
-                forward::forwarded(request.get_ref().clone(), Some(left)),
+                forward::forwarded(
+                    request.get_ref().clone(),
+                    Some(left),
+                    caller.authorization(),
+                ),
             )
             .await
             {
@@ -252,7 +281,7 @@ impl Edge {
                         })
                         .into());
                     }
-                    let channel = self.forwarder.channel(&addr).map_err(Status::from)?;
+                    let channel = self.forwarder.channel(id, &addr).map_err(Status::from)?;
                     return Ok(Some((channel, id)));
                 }
                 _ => {}
@@ -292,17 +321,19 @@ fn span<Req: EdgeRequest>(rpc: Rpc, request: &Request<Req>) -> tracing::Span {
 pub type BoxStream<T> =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Implements a tonic service trait from a table: each RPC's consistency, the client
-/// method that forwards it, and the handler method that serves it here (`[stream]`
-/// marks a server-streaming RPC, whose forwarded stream is relayed). A service written
-/// this way cannot skip the edge: there is no other body to write.
+/// Implements a tonic service trait from a table: each RPC's consistency and access, the
+/// client method that forwards it, and the handler method that serves it here
+/// (`handler(caller)` hands it the [`Caller`] too; `[stream]` marks a server-streaming
+/// RPC, whose forwarded stream is relayed). A service written this way cannot skip the
+/// edge: there is no other body to write.
 ///
 /// ```ignore
 /// edge_service! {
 ///     JobService for JobServer, forward with JobServiceClient {
 ///         type WatchJobStream = BoxStream<pb::JobEvent>;
-///         rpc submit_job(SubmitJobRequest) -> pb::SubmitJobResponse: Leader => submit;
-///         rpc watch_job(WatchJobRequest) -> Self::WatchJobStream: Local => watch [stream];
+///         rpc submit_job(SubmitJobRequest) -> pb::SubmitJobResponse: Leader, Submit => submit;
+///         rpc get_job(GetJobRequest) -> pb::GetJobResponse: Linearizable, Read => get(caller);
+///         rpc watch_job(WatchJobRequest) -> Self::WatchJobStream: Local, Read => watch(caller) [stream];
 ///     }
 /// }
 /// ```
@@ -310,7 +341,7 @@ macro_rules! edge_service {
     (
         $service:ident for $server:ty, forward with $client:ident {
             $( type $assoc:ident = $assoc_ty:ty; )*
-            $( rpc $method:ident ($req:ident) -> $resp:ty : $consistency:ident => $handler:ident $([$stream:ident])? ; )*
+            $( rpc $method:ident ($req:ident) -> $resp:ty : $consistency:ident, $access:ident => $handler:ident $(($caller:ident))? $([$stream:ident])? ; )*
         }
     ) => {
         #[tonic::async_trait]
@@ -324,6 +355,7 @@ macro_rules! edge_service {
                     let rpc = $crate::server::edge::Rpc {
                         name: stringify!($method),
                         consistency: $crate::server::edge::Consistency::$consistency,
+                        access: $crate::server::edge::Access::$access,
                     };
                     self.edge
                         .serve(
@@ -332,12 +364,19 @@ macro_rules! edge_service {
                             |channel, request| async move {
                                 edge_service!(@forward $client, $method, channel, request $(, $stream)?)
                             },
-                            |message| self.$handler(message),
+                            |caller, message| edge_service!(@call self, $handler, caller, message $(, $caller)?),
                         )
                         .await
                 }
             )*
         }
+    };
+    (@call $self:ident, $handler:ident, $c:ident, $message:ident) => {{
+        let _ = $c;
+        $self.$handler($message)
+    }};
+    (@call $self:ident, $handler:ident, $c:ident, $message:ident, caller) => {
+        $self.$handler($c, $message)
     };
     (@forward $client:ident, $method:ident, $channel:ident, $request:ident) => {
         $client::new($channel).$method($request).await

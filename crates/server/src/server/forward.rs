@@ -7,32 +7,48 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::transport::Channel;
 use tonic::Request;
 
+use super::auth::AUTHORIZATION;
 use super::status::ApiError;
+use crate::raft::NodeId;
+use crate::tls::PeerTls;
 
 pub use dispatcher_proto::headers::FORWARDED as FORWARDED_KEY;
 
-/// Channels to leaders, by address.
+/// Channels to leaders (and peers), by id and address.
 #[derive(Clone, Default)]
 pub struct Forwarder {
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    channels: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
+    tls: Option<PeerTls>,
 }
 
 impl Forwarder {
-    /// A channel to `addr`, created lazily (no connection until the first call).
-    pub fn channel(&self, addr: &str) -> Result<Channel, ApiError> {
+    /// Forwards over TLS with this replica's certificate as client identity.
+    pub fn with_tls(tls: PeerTls) -> Self {
+        Forwarder {
+            channels: Default::default(),
+            tls: Some(tls),
+        }
+    }
+
+    /// A channel to replica `id` at `addr`, created lazily (no connection until the first
+    /// call). With TLS the peer's certificate must be valid for `replica-<id>`.
+    pub fn channel(&self, id: NodeId, addr: &str) -> Result<Channel, ApiError> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = channels.get(addr) {
+        let key = (id, addr.to_string());
+        if let Some(c) = channels.get(&key) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ApiError::Internal(format!("leader address {addr:?}: {e}")))?
+        let endpoint = crate::tls::peer_endpoint(id, addr, self.tls.as_ref())
+            .map_err(|e| ApiError::Internal(format!("replica {id} at {addr:?}: {e}")))?;
+        let channel = endpoint
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .connect_lazy();
-        channels.insert(addr.to_string(), channel.clone());
+        channels.insert(key, channel.clone());
         Ok(channel)
     }
 }
@@ -42,9 +58,17 @@ pub fn was_forwarded<T>(req: &Request<T>) -> bool {
     req.metadata().contains_key(FORWARDED_KEY)
 }
 
-/// Wraps a message for forwarding, marked and with the caller's deadline carried over.
-pub fn forwarded<T>(message: T, timeout: Option<Duration>) -> Request<T> {
+/// Wraps a message for forwarding, marked, with the caller's deadline and token carried
+/// over (the leader authenticates the caller again).
+pub fn forwarded<T>(
+    message: T,
+    timeout: Option<Duration>,
+    authorization: Option<&AsciiMetadataValue>,
+) -> Request<T> {
     let mut req = Request::new(message);
+    if let Some(value) = authorization {
+        req.metadata_mut().insert(AUTHORIZATION, value.clone());
+    }
     req.metadata_mut().insert(
         FORWARDED_KEY,
         tonic::metadata::MetadataValue::from_static("1"),

@@ -4,7 +4,7 @@
 
 use tokio_stream::StreamExt as _;
 
-use super::edge::{BoxStream, Edge};
+use super::edge::{BoxStream, Caller, Edge};
 use super::status::ApiError;
 use crate::watch;
 use dispatcher_core::state::{self, Command, JobState, Response};
@@ -27,11 +27,11 @@ pub struct JobServer {
 edge_service! {
     JobService for JobServer, forward with JobServiceClient {
         type WatchJobStream = BoxStream<pb::JobEvent>;
-        rpc submit_job(SubmitJobRequest) -> pb::SubmitJobResponse: Leader => submit;
-        rpc get_job(GetJobRequest) -> pb::GetJobResponse: Linearizable => get;
-        rpc list_jobs(ListJobsRequest) -> pb::ListJobsResponse: Linearizable => list;
-        rpc cancel_job(CancelJobRequest) -> pb::CancelJobResponse: Leader => cancel;
-        rpc watch_job(WatchJobRequest) -> Self::WatchJobStream: Local => watch [stream];
+        rpc submit_job(SubmitJobRequest) -> pb::SubmitJobResponse: Leader, Submit => submit(caller);
+        rpc get_job(GetJobRequest) -> pb::GetJobResponse: Linearizable, Read => get(caller);
+        rpc list_jobs(ListJobsRequest) -> pb::ListJobsResponse: Linearizable, Read => list;
+        rpc cancel_job(CancelJobRequest) -> pb::CancelJobResponse: Leader, Submit => cancel(caller);
+        rpc watch_job(WatchJobRequest) -> Self::WatchJobStream: Local, Read => watch(caller) [stream];
     }
 }
 
@@ -41,13 +41,22 @@ impl JobServer {
         JobServer { edge, stopping }
     }
 
-    fn status_of(&self, id: &state::JobId) -> Result<pb::JobStatus, ApiError> {
+    /// The job's status, its env values redacted unless `secrets`.
+    fn status_of(&self, id: &state::JobId, secrets: bool) -> Result<pb::JobStatus, ApiError> {
         let g = self.edge.replica.state.read();
-        watch::job_status(&g.state, id)
-            .ok_or_else(|| state::Rejection::UnknownJob { job_id: id.clone() }.into())
+        let mut status = watch::job_status(&g.state, id)
+            .ok_or_else(|| ApiError::from(state::Rejection::UnknownJob { job_id: id.clone() }))?;
+        if !secrets {
+            convert::redact_secrets(&mut status);
+        }
+        Ok(status)
     }
 
-    async fn submit(&self, req: pb::SubmitJobRequest) -> Result<pb::SubmitJobResponse, ApiError> {
+    async fn submit(
+        &self,
+        caller: Caller,
+        req: pb::SubmitJobRequest,
+    ) -> Result<pb::SubmitJobResponse, ApiError> {
         let job_id = convert::job_id("job_id", &req.job_id)?;
         let spec = convert::job_spec(req.spec)?;
         // Nothing invalid reaches the log: check before proposing.
@@ -74,14 +83,18 @@ impl JobServer {
         Ok(pb::SubmitJobResponse {
             job_id: job_id.to_string(),
             created,
-            job: Some(self.status_of(&job_id)?),
+            job: Some(self.status_of(&job_id, caller.sees_secrets())?),
         })
     }
 
-    async fn get(&self, req: pb::GetJobRequest) -> Result<pb::GetJobResponse, ApiError> {
+    async fn get(
+        &self,
+        caller: Caller,
+        req: pb::GetJobRequest,
+    ) -> Result<pb::GetJobResponse, ApiError> {
         let id = convert::job_id("job_id", &req.job_id)?;
         Ok(pb::GetJobResponse {
-            job: Some(self.status_of(&id)?),
+            job: Some(self.status_of(&id, caller.sees_secrets())?),
         })
     }
 
@@ -115,7 +128,11 @@ impl JobServer {
         })
     }
 
-    async fn cancel(&self, req: pb::CancelJobRequest) -> Result<pb::CancelJobResponse, ApiError> {
+    async fn cancel(
+        &self,
+        caller: Caller,
+        req: pb::CancelJobRequest,
+    ) -> Result<pb::CancelJobResponse, ApiError> {
         let job_id = convert::job_id("job_id", &req.job_id)?;
         self.edge
             .replica
@@ -125,11 +142,16 @@ impl JobServer {
             })
             .await??;
         Ok(pb::CancelJobResponse {
-            job: Some(self.status_of(&job_id)?),
+            job: Some(self.status_of(&job_id, caller.sees_secrets())?),
         })
     }
 
-    async fn watch(&self, req: pb::WatchJobRequest) -> Result<BoxStream<pb::JobEvent>, ApiError> {
+    async fn watch(
+        &self,
+        caller: Caller,
+        req: pb::WatchJobRequest,
+    ) -> Result<BoxStream<pb::JobEvent>, ApiError> {
+        let secrets = caller.sees_secrets();
         let id = convert::job_id("job_id", &req.job_id)?;
         let shared = self.edge.replica.state.clone();
         let Some((first, applied)) = watch::first(&shared, &id).await else {
@@ -137,7 +159,13 @@ impl JobServer {
         };
         let events = watch::spawn(shared, id.clone(), first, applied, self.stopping.clone());
         let stream = tokio_stream::wrappers::ReceiverStream::new(events).map(move |item| {
-            item.map_err(|end| {
+            item.map(|mut event| {
+                if let (false, Some(job)) = (secrets, event.job.as_mut()) {
+                    convert::redact_secrets(job);
+                }
+                event
+            })
+            .map_err(|end| {
                 tonic::Status::from(match end {
                     watch::End::Purged => ApiError::NotFound(format!("job {id} was purged")),
                     // The client library re-attaches to another replica.

@@ -8,6 +8,7 @@
 
 #[macro_use]
 pub mod edge;
+pub mod auth;
 pub mod cluster_service;
 pub mod config;
 pub mod forward;
@@ -58,6 +59,9 @@ pub enum ServerError {
     /// The backup to restore is unusable.
     #[error(transparent)]
     Restore(#[from] dispatcher_core::backup::BackupError),
+    /// The TLS files are unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// Reflection could not be set up (a build problem).
     #[error("reflection: {0}")]
     Reflection(String),
@@ -89,6 +93,13 @@ pub async fn serve(
         Some(path) => Some(dispatcher_core::backup::Backup::read(path)?),
         None => None,
     };
+    let tls = config.tls.as_ref().map(crate::tls::load).transpose()?;
+    if config.insecure {
+        tracing::warn!(
+            listen = %config.listen,
+            "--insecure: serving plain text; anyone who can reach this port can read tokens and job secrets on the wire and, without tokens, do anything"
+        );
+    }
     let replica = Replica::start(ReplicaOptions {
         id: config.id,
         data_dir: config.data_dir.clone(),
@@ -97,12 +108,14 @@ pub async fn serve(
         raft: config.raft.clone(),
         state_config: ClusterConfig::default(),
         peer_addresses: config.peer_addresses.clone(),
+        peer_tls: tls.as_ref().map(|t| t.peer.clone()),
     })
     .await?;
     tracing::info!(
         id = config.id,
         listen = %config.listen,
         advertise = %config.advertise,
+        tls = tls.is_some(),
         heartbeat_ms = config.raft.heartbeat_ms,
         election_timeout_min_ms = config.raft.election_timeout_min_ms,
         election_timeout_max_ms = config.raft.election_timeout_max_ms,
@@ -111,6 +124,9 @@ pub async fn serve(
 
     if let Some(backup) = backup {
         tokio::spawn(restore(replica.clone(), backup));
+    }
+    if let Some(hash) = config.bootstrap_token_hash.clone() {
+        tokio::spawn(bootstrap_token(replica.clone(), hash));
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     // tonic-health starts the server as SERVING; nothing is served before a leader is known.
@@ -133,7 +149,17 @@ pub async fn serve(
 
     let edge = edge::Edge {
         replica: replica.clone(),
-        forwarder: forward::Forwarder::default(),
+        forwarder: match &tls {
+            Some(t) => forward::Forwarder::with_tls(t.peer.clone()),
+            None => forward::Forwarder::default(),
+        },
+        // A replica with TLS or a bootstrap token never serves a call without a token,
+        // not even in the moments before the first token commits.
+        auth: auth::Authenticator::new(
+            replica.state.clone(),
+            tls.is_some() || config.bootstrap_token_hash.is_some(),
+            tls.is_some(),
+        ),
     };
     let raft_service = RaftServiceServer::new(raft_service::RaftServer::new(edge.clone()))
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
@@ -158,7 +184,11 @@ pub async fn serve(
             Ok(stream)
         })
     });
-    let result = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(t) = &tls {
+        builder = builder.tls_config(t.server.clone())?;
+    }
+    let result = builder
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
@@ -230,6 +260,51 @@ async fn restore(replica: Replica, backup: dispatcher_core::backup::Backup) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tracing::error!("gave up restoring the backup: this replica never led");
+}
+
+/// Creates the first admin token from `--bootstrap-token-file` once this replica leads,
+/// unless the cluster already has tokens (then the command is a no-op in the state
+/// machine, so any replica may be given the file and restarts change nothing).
+async fn bootstrap_token(replica: Replica, hash: String) {
+    use dispatcher_core::state::{Command, Response, Role, Token};
+    loop {
+        if replica.state.read().state.has_tokens() {
+            return;
+        }
+        if replica.leader().is_some_and(|(id, _)| id == replica.id) {
+            let token = Token {
+                name: "admin".into(),
+                role: Role::Admin,
+                hash: hash.clone(),
+                task_managers: vec![],
+                created_at: crate::leader::wall_clock_ms(),
+            };
+            match replica
+                .propose(Command::CreateToken {
+                    token,
+                    bootstrap: true,
+                })
+                .await
+            {
+                Ok(Ok(Response::TokenCreated { created: true, .. })) => {
+                    tracing::info!("created the bootstrap admin token \"admin\"");
+                    return;
+                }
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "the bootstrap token was refused");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "bootstrap token not committed yet; retrying")
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if replica.raft.metrics().borrow().state == openraft::ServerState::Shutdown {
+            return;
+        }
+    }
 }
 
 /// Reports SERVING (overall and per service) only while a leader is known.

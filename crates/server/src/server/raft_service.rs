@@ -6,9 +6,9 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::edge::Edge;
+use super::edge::{Caller, Edge};
 use super::status::ApiError;
-use crate::raft::Raft;
+use crate::raft::{NodeId, Raft, TypeConfig};
 use dispatcher_core::codec;
 use dispatcher_proto::v1::raft_service_client::RaftServiceClient;
 use dispatcher_proto::v1::raft_service_server::RaftService;
@@ -22,9 +22,9 @@ pub struct RaftServer {
 
 edge_service! {
     RaftService for RaftServer, forward with RaftServiceClient {
-        rpc append_entries(RaftMessage) -> RaftMessage: Local => append_entries;
-        rpc vote(RaftMessage) -> RaftMessage: Local => vote;
-        rpc install_snapshot(RaftMessage) -> RaftMessage: Local => install_snapshot;
+        rpc append_entries(RaftMessage) -> RaftMessage: Local, Peer => append_entries(caller);
+        rpc vote(RaftMessage) -> RaftMessage: Local, Peer => vote(caller);
+        rpc install_snapshot(RaftMessage) -> RaftMessage: Local, Peer => install_snapshot(caller);
     }
 }
 
@@ -44,18 +44,29 @@ impl RaftServer {
         RaftServer { edge, raft }
     }
 
-    async fn append_entries(&self, message: RaftMessage) -> Result<RaftMessage, ApiError> {
-        let rpc = decode(message)?;
+    async fn append_entries(
+        &self,
+        caller: Caller,
+        message: RaftMessage,
+    ) -> Result<RaftMessage, ApiError> {
+        let rpc: openraft::raft::AppendEntriesRequest<TypeConfig> = decode(message)?;
+        caller.check_peer(rpc.vote.leader_id().voted_for().unwrap_or_default())?;
         reply(&self.raft.append_entries(rpc).await)
     }
 
-    async fn vote(&self, message: RaftMessage) -> Result<RaftMessage, ApiError> {
-        let rpc = decode(message)?;
+    async fn vote(&self, caller: Caller, message: RaftMessage) -> Result<RaftMessage, ApiError> {
+        let rpc: openraft::raft::VoteRequest<NodeId> = decode(message)?;
+        caller.check_peer(rpc.vote.leader_id().voted_for().unwrap_or_default())?;
         reply(&self.raft.vote(rpc).await)
     }
 
-    async fn install_snapshot(&self, message: RaftMessage) -> Result<RaftMessage, ApiError> {
-        let rpc = decode(message)?;
+    async fn install_snapshot(
+        &self,
+        caller: Caller,
+        message: RaftMessage,
+    ) -> Result<RaftMessage, ApiError> {
+        let rpc: openraft::raft::InstallSnapshotRequest<TypeConfig> = decode(message)?;
+        caller.check_peer(rpc.vote.leader_id().voted_for().unwrap_or_default())?;
         reply(&self.raft.install_snapshot(rpc).await)
     }
 }

@@ -23,6 +23,8 @@ impl From<ApiError> for Status {
             ApiError::Write(w) => write_error(w),
             ApiError::NotFound(m) => Status::not_found(m),
             ApiError::Unavailable(m) => Status::unavailable(m),
+            ApiError::Unauthenticated(m) => Status::unauthenticated(m),
+            ApiError::PermissionDenied(m) => Status::permission_denied(m),
             ApiError::Internal(m) => Status::internal(m),
         }
     }
@@ -67,7 +69,11 @@ fn rejection(r: &Rejection) -> Status {
         | Rejection::NotAssigned { .. }
         | Rejection::RestartNotDue { .. }
         | Rejection::JobNotActive { .. }
-        | Rejection::CheckpointOutOfOrder { .. } => Code::FailedPrecondition,
+        | Rejection::CheckpointOutOfOrder { .. }
+        | Rejection::LastAdminToken { .. } => Code::FailedPrecondition,
+        Rejection::TokenExists { .. } => Code::AlreadyExists,
+        Rejection::UnknownToken { .. } => Code::NotFound,
+        Rejection::TaskManagerOwned { .. } => Code::PermissionDenied,
     };
     Status::new(code, r.to_string())
 }

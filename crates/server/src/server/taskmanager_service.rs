@@ -2,7 +2,7 @@
 //! leader (the edge forwards them; heartbeats after a read barrier), and listing from
 //! any replica. Handlers translate to and from [`crate::taskmanagers`].
 
-use super::edge::Edge;
+use super::edge::{Caller, Edge};
 use super::status::ApiError;
 use crate::taskmanagers::{HeartbeatAnswer, TaskManagers};
 use dispatcher_core::state::{self, TaskManagerId, TaskManagerSpec, TaskReport};
@@ -19,11 +19,11 @@ pub struct TaskManagerServer {
 
 edge_service! {
     TaskManagerService for TaskManagerServer, forward with TaskManagerServiceClient {
-        rpc register(RegisterRequest) -> pb::RegisterResponse: Leader => register;
-        rpc heartbeat(HeartbeatRequest) -> pb::HeartbeatResponse: Linearizable => heartbeat;
-        rpc unregister(UnregisterRequest) -> pb::UnregisterResponse: Leader => unregister;
+        rpc register(RegisterRequest) -> pb::RegisterResponse: Leader, TaskManager => register(caller);
+        rpc heartbeat(HeartbeatRequest) -> pb::HeartbeatResponse: Linearizable, TaskManager => heartbeat(caller);
+        rpc unregister(UnregisterRequest) -> pb::UnregisterResponse: Leader, TaskManager => unregister(caller);
         rpc list_task_managers(ListTaskManagersRequest) -> pb::ListTaskManagersResponse:
-            Linearizable => list;
+            Linearizable, Read => list;
     }
 }
 
@@ -82,15 +82,21 @@ impl TaskManagerServer {
         )
     }
 
-    async fn register(&self, req: pb::RegisterRequest) -> Result<pb::RegisterResponse, ApiError> {
+    async fn register(
+        &self,
+        caller: Caller,
+        req: pb::RegisterRequest,
+    ) -> Result<pb::RegisterResponse, ApiError> {
+        let id = tm_id(&req.task_manager_id)?;
+        caller.require_task_manager(&id)?;
         let spec = TaskManagerSpec {
-            id: tm_id(&req.task_manager_id)?,
+            id,
             instance: req.instance_id,
             address: req.address,
             slots: req.slots,
             labels: req.labels,
         };
-        let run = self.tms.register(spec).await?;
+        let run = self.tms.register(spec, caller.principal()).await?;
         let (heartbeat_interval_ms, lease_timeout_ms) = self.intervals();
         Ok(pb::RegisterResponse {
             heartbeat_interval_ms,
@@ -101,13 +107,15 @@ impl TaskManagerServer {
 
     async fn heartbeat(
         &self,
+        caller: Caller,
         req: pb::HeartbeatRequest,
     ) -> Result<pb::HeartbeatResponse, ApiError> {
         let id = tm_id(&req.task_manager_id)?;
+        caller.require_task_manager(&id)?;
         let updates = req.updates;
         let answer = self
             .tms
-            .heartbeat(&id, &req.instance_id, |tms| {
+            .heartbeat(&id, &req.instance_id, &caller.principal(), |tms| {
                 reports(updates, |job| tms.vertex_names(job))
             })
             .await?;
@@ -130,10 +138,16 @@ impl TaskManagerServer {
 
     async fn unregister(
         &self,
+        caller: Caller,
         req: pb::UnregisterRequest,
     ) -> Result<pb::UnregisterResponse, ApiError> {
         let id = tm_id(&req.task_manager_id)?;
-        self.tms.unregister(&id, &req.instance_id).await?;
+        caller.require_task_manager(&id)?;
+        let principal = caller.principal();
+        let acting_as = (!caller.is_admin()).then_some(principal.as_str());
+        self.tms
+            .unregister(&id, &req.instance_id, acting_as)
+            .await?;
         Ok(pb::UnregisterResponse {})
     }
 
