@@ -17,6 +17,7 @@
 
 pub mod reconcile;
 pub mod runner;
+pub mod sandbox;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -30,6 +31,7 @@ use crate::client::{Client, ClientConfig};
 use dispatcher_proto::v1 as pb;
 use reconcile::{Action, CancelReason, Event, Phase, Reconciler};
 use runner::{AttemptKey, Exit, Outcome, Running, Work};
+use sandbox::{Sandbox, SandboxArgs};
 
 /// Flags of the `taskmanager` binary (also `TASKMANAGER_*` environment variables).
 #[derive(Debug, Clone, Parser)]
@@ -70,6 +72,9 @@ pub struct Args {
     /// Time a cancelled process gets between SIGTERM and SIGKILL, in milliseconds.
     #[arg(long, env = "TASKMANAGER_KILL_GRACE_MS", default_value_t = 3000)]
     pub kill_grace_ms: u64,
+    /// What command tasks may run, and as whom.
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 /// A validated TaskManager configuration.
@@ -89,10 +94,13 @@ pub struct Config {
     pub address: String,
     /// SIGTERM-to-SIGKILL grace.
     pub kill_grace: Duration,
+    /// What command tasks may run, and as whom.
+    pub sandbox: Sandbox,
 }
 
 impl Args {
-    /// Validates the flags.
+    /// Validates the flags; the sandbox flags against this process's user and the
+    /// password database.
     pub fn into_config(self) -> Result<Config, String> {
         if self.id.trim().is_empty() {
             return Err("--id must not be empty".into());
@@ -118,6 +126,7 @@ impl Args {
         if dispatchers.is_empty() {
             return Err("--dispatchers needs at least one address".into());
         }
+        let sandbox = self.sandbox.into_sandbox()?;
         Ok(Config {
             work_dir: self
                 .work_dir
@@ -128,6 +137,7 @@ impl Args {
             dispatchers,
             labels,
             kill_grace: Duration::from_millis(self.kill_grace_ms),
+            sandbox,
         })
     }
 }
@@ -229,7 +239,7 @@ impl Agent {
 
     fn start(&mut self, key: AttemptKey, slot: u32, work: Work) {
         let task_dir = self.config.work_dir.join("tasks").join(key.file_name());
-        let env = BTreeMap::from([
+        let identity = BTreeMap::from([
             ("DISPATCHER_JOB_ID".to_string(), key.job.clone()),
             ("DISPATCHER_VERTEX".to_string(), key.vertex.clone()),
             ("DISPATCHER_SUBTASK".to_string(), key.subtask.to_string()),
@@ -245,7 +255,8 @@ impl Agent {
             work,
             task_dir,
             &self.pid_dir(),
-            env,
+            identity,
+            &self.config.sandbox,
             self.config.kill_grace,
             self.exits_tx.clone(),
         );
