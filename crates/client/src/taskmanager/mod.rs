@@ -14,6 +14,8 @@
 //!
 //! Every decision is made by the pure core in [`reconcile`]; this module only feeds it
 //! what happened and carries out what it asks for (processes, heartbeats, the history).
+//! What a command task may run, and as which user, is [`sandbox`]'s to decide, once at
+//! start-up from the flags and again for every task.
 
 pub mod reconcile;
 pub mod runner;

@@ -205,7 +205,7 @@ fn spawn_process(
     sandbox: &Sandbox,
     dir: &Path,
 ) -> Result<tokio::process::Child, String> {
-    let (launch, stdout, stderr) = sandbox.launch(argv, job_env, identity, dir)?;
+    let launch = sandbox.launch(argv, job_env, identity, dir)?;
     let mut cmd = tokio::process::Command::new(&launch.program);
     if let Some(arg0) = argv.first() {
         cmd.arg0(arg0);
@@ -215,8 +215,8 @@ fn spawn_process(
         .envs(&launch.env)
         .current_dir(dir)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(stdout))
-        .stderr(Stdio::from(stderr))
+        .stdout(Stdio::from(launch.stdout))
+        .stderr(Stdio::from(launch.stderr))
         // Its own process group, so cancel reaches everything it started.
         .process_group(0);
     let user = &sandbox.user;

@@ -137,13 +137,17 @@ pub struct Sandbox {
 }
 
 /// A checked command task, ready to spawn.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Launch {
-    /// The canonical path of the program that was checked; spawned as is (argv[0] stays
+    /// The canonical path of the program that was checked; spawned as is (`argv[0]` stays
     /// what the job said), so no second PATH lookup can pick another file.
     pub program: PathBuf,
     /// The task's whole environment.
     pub env: BTreeMap<String, String>,
+    /// The task's stdout, `stdout.log` in its directory.
+    pub stdout: std::fs::File,
+    /// The task's stderr, `stderr.log` in its directory.
+    pub stderr: std::fs::File,
 }
 
 /// `*` and `?` never match `/`: `/opt/jobs/*` allows `/opt/jobs/run` but not
@@ -286,15 +290,14 @@ impl Sandbox {
 
     /// Checks a command task and prepares its directory: the program must be allowed
     /// here, and `task_dir` is created, with empty `stdout.log` and `stderr.log` that the
-    /// task user owns. Returns the program to spawn, its environment and the two log
-    /// files, or the reason the task is refused.
+    /// task user owns. Returns what to spawn, or the reason the task is refused.
     pub fn launch(
         &self,
         argv: &[String],
         job_env: &BTreeMap<String, String>,
         identity: &BTreeMap<String, String>,
         task_dir: &Path,
-    ) -> Result<(Launch, std::fs::File, std::fs::File), String> {
+    ) -> Result<Launch, String> {
         let program = match &self.commands {
             Commands::BuiltinOnly => {
                 return Err(
@@ -333,22 +336,20 @@ impl Sandbox {
                 ));
             }
         }
-        let (stdout, stderr) = self.task_dir(task_dir)?;
-        Ok((
-            Launch {
-                program: canonical,
-                env,
-            },
+        let (stdout, stderr) = self.prepare_dir(task_dir)?;
+        Ok(Launch {
+            program: canonical,
+            env,
             stdout,
             stderr,
-        ))
+        })
     }
 
     /// Creates the task directory and its log files, owned by the task user. The logs are
     /// created afresh and never followed through a link: a directory left by an earlier
     /// task of that user may hold a link planted to make the agent (root) truncate or
     /// hand over another file.
-    fn task_dir(&self, dir: &Path) -> Result<(std::fs::File, std::fs::File), String> {
+    fn prepare_dir(&self, dir: &Path) -> Result<(std::fs::File, std::fs::File), String> {
         let err =
             |what: &Path, e: std::io::Error| format!("task directory {}: {e}", what.display());
         match std::fs::create_dir(dir) {

@@ -303,7 +303,7 @@ fn launch_checks_the_canonical_path_and_spawns_it() {
     );
     assert!(!task.exists(), "a refused task leaves no directory");
     let only_bin = Commands::Only(patterns(&[&format!("{}/bin/*", root.display())]));
-    let (launch, ..) = local(only_bin)
+    let launch = local(only_bin)
         .launch(&argv(&["alias"]), &job, &BTreeMap::new(), &task)
         .expect("allowed");
     assert_eq!(launch.program, root.join("bin/real"));
