@@ -27,6 +27,8 @@ pub struct Tm {
     pub work_dir: PathBuf,
     pub log: PathBuf,
     pub args: Vec<String>,
+    /// Environment variables set on the process, besides the test's own.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -253,6 +255,17 @@ impl ProcCluster {
 impl ProcCluster {
     /// Starts a TaskManager `id` with `slots` slots (and extra flags).
     pub fn start_tm(&mut self, id: &str, slots: u32, extra: &[&str]) {
+        self.start_tm_with_env(id, slots, extra, &[]);
+    }
+
+    /// Starts a TaskManager `id` with extra flags and environment variables.
+    pub fn start_tm_with_env(
+        &mut self,
+        id: &str,
+        slots: u32,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) {
         let work_dir = self.dir.path().join(format!("tm/{id}"));
         let log = self.dir.path().join(format!("{id}.log"));
         let mut args: Vec<String> = vec![
@@ -274,6 +287,10 @@ impl ProcCluster {
                 work_dir,
                 log,
                 args,
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 child: None,
             },
         );
@@ -291,6 +308,7 @@ impl ProcCluster {
         let child = Command::new(bin("taskmanager"))
             .args(&tm.args)
             .env("TASKMANAGER_LOG", "info")
+            .envs(tm.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

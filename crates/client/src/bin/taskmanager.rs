@@ -23,7 +23,13 @@ async fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(colour())
         .init();
-    tracing::info!(id = %config.id, slots = config.slots, work_dir = %config.work_dir.display(), "taskmanager starting");
+    tracing::info!(
+        id = %config.id, slots = config.slots, work_dir = %config.work_dir.display(),
+        tasks_run_as = %config.sandbox.describe(), "taskmanager starting"
+    );
+    if config.sandbox.user.uid == 0 {
+        tracing::warn!(id = %config.id, "command tasks run as root (--allow-root-tasks)");
+    }
     if let Err(e) = dispatcher_client::taskmanager::run(config, shutdown_signal()).await {
         eprintln!("taskmanager: {e}");
         std::process::exit(1);

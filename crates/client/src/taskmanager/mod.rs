@@ -14,9 +14,12 @@
 //!
 //! Every decision is made by the pure core in [`reconcile`]; this module only feeds it
 //! what happened and carries out what it asks for (processes, heartbeats, the history).
+//! What a command task may run, and as which user, is [`sandbox`]'s to decide, once at
+//! start-up from the flags and again for every task.
 
 pub mod reconcile;
 pub mod runner;
+pub mod sandbox;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -30,6 +33,7 @@ use crate::client::{Client, ClientConfig};
 use dispatcher_proto::v1 as pb;
 use reconcile::{Action, CancelReason, Event, Phase, Reconciler};
 use runner::{AttemptKey, Exit, Outcome, Running, Work};
+use sandbox::{Sandbox, SandboxArgs};
 
 /// Flags of the `taskmanager` binary (also `TASKMANAGER_*` environment variables).
 #[derive(Debug, Clone, Parser)]
@@ -70,6 +74,9 @@ pub struct Args {
     /// Time a cancelled process gets between SIGTERM and SIGKILL, in milliseconds.
     #[arg(long, env = "TASKMANAGER_KILL_GRACE_MS", default_value_t = 3000)]
     pub kill_grace_ms: u64,
+    /// What command tasks may run, and as whom.
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 /// A validated TaskManager configuration.
@@ -89,10 +96,13 @@ pub struct Config {
     pub address: String,
     /// SIGTERM-to-SIGKILL grace.
     pub kill_grace: Duration,
+    /// What command tasks may run, and as whom.
+    pub sandbox: Sandbox,
 }
 
 impl Args {
-    /// Validates the flags.
+    /// Validates the flags; the sandbox flags against this process's user and the
+    /// password database.
     pub fn into_config(self) -> Result<Config, String> {
         if self.id.trim().is_empty() {
             return Err("--id must not be empty".into());
@@ -118,6 +128,7 @@ impl Args {
         if dispatchers.is_empty() {
             return Err("--dispatchers needs at least one address".into());
         }
+        let sandbox = self.sandbox.into_sandbox()?;
         Ok(Config {
             work_dir: self
                 .work_dir
@@ -128,6 +139,7 @@ impl Args {
             dispatchers,
             labels,
             kill_grace: Duration::from_millis(self.kill_grace_ms),
+            sandbox,
         })
     }
 }
@@ -229,7 +241,7 @@ impl Agent {
 
     fn start(&mut self, key: AttemptKey, slot: u32, work: Work) {
         let task_dir = self.config.work_dir.join("tasks").join(key.file_name());
-        let env = BTreeMap::from([
+        let identity = BTreeMap::from([
             ("DISPATCHER_JOB_ID".to_string(), key.job.clone()),
             ("DISPATCHER_VERTEX".to_string(), key.vertex.clone()),
             ("DISPATCHER_SUBTASK".to_string(), key.subtask.to_string()),
@@ -245,7 +257,8 @@ impl Agent {
             work,
             task_dir,
             &self.pid_dir(),
-            env,
+            identity,
+            &self.config.sandbox,
             self.config.kill_grace,
             self.exits_tx.clone(),
         );

@@ -1,5 +1,6 @@
 //! Running one task attempt: a child process in its own process group and working
-//! directory (stdout and stderr to files there), or a built-in test task (sleep, fail).
+//! directory (stdout and stderr to files there), started only as the [`Sandbox`] allows
+//! and as its task user, or a built-in test task (sleep, fail).
 //! Cancel sends SIGTERM to the process group, then SIGKILL after a grace period.
 //!
 //! Each running process has a pid file under `<work-dir>/pids/`, holding its pid and its
@@ -14,6 +15,8 @@ use std::time::Duration;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot};
+
+use super::sandbox::{self, Sandbox};
 
 /// Identifies one attempt of one subtask.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -63,7 +66,8 @@ pub enum Work {
     Command {
         /// Program and arguments.
         argv: Vec<String>,
-        /// Extra environment.
+        /// The job's environment variables (the task's environment is these, PATH,
+        /// HOME, LANG and the task identity; see [`sandbox::task_env`]).
         env: BTreeMap<String, String>,
     },
     /// Built-in: succeed after a duration.
@@ -118,52 +122,59 @@ impl Running {
     }
 }
 
-/// Starts an attempt; its end is sent on `exits`.
+/// Starts an attempt; its end is sent on `exits`. A command task runs only if `sandbox`
+/// allows it, as the sandbox's task user, with `identity` (the `DISPATCHER_*` variables)
+/// in its clean environment; a refusal fails the attempt with the sandbox's reason.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     key: AttemptKey,
     work: Work,
     task_dir: PathBuf,
     pid_dir: &Path,
-    env: BTreeMap<String, String>,
+    identity: BTreeMap<String, String>,
+    sandbox: &Sandbox,
     kill_grace: Duration,
     exits: mpsc::UnboundedSender<Exit>,
 ) -> Running {
     let (cancel_tx, cancel_rx) = oneshot::channel();
     match work {
-        Work::Command {
-            argv,
-            env: task_env,
-        } => match spawn_process(&argv, &task_env, &env, &task_dir) {
-            Ok(child) => {
-                let pid = child.id();
-                let pid_file = pid_dir.join(format!("{}.pid", key.file_name()));
-                if let Some(pid) = pid {
-                    if let Err(e) = write_pid_file(&pid_file, pid) {
-                        tracing::warn!(error = %e, pid, "cannot record the pid");
+        Work::Command { argv, env } => {
+            match spawn_process(&argv, &env, &identity, sandbox, &task_dir) {
+                Ok(child) => {
+                    let pid = child.id();
+                    let pid_file = pid_dir.join(format!("{}.pid", key.file_name()));
+                    if let Some(pid) = pid {
+                        if let Err(e) = write_pid_file(&pid_file, pid) {
+                            tracing::warn!(error = %e, pid, "cannot record the pid");
+                        }
+                    }
+                    tokio::spawn(watch_process(
+                        key, child, cancel_rx, kill_grace, pid_file, exits,
+                    ));
+                    Running {
+                        pid,
+                        cancel: Some(cancel_tx),
                     }
                 }
-                tokio::spawn(watch_process(
-                    key, child, cancel_rx, kill_grace, pid_file, exits,
-                ));
-                Running {
-                    pid,
-                    cancel: Some(cancel_tx),
+                Err(reason) => {
+                    tracing::warn!(
+                        job_id = %key.job, vertex = %key.vertex, subtask = key.subtask,
+                        attempt = key.attempt, %reason, "command task refused or not started"
+                    );
+                    let _ = exits.send(Exit {
+                        key,
+                        outcome: Outcome::Failed {
+                            exit_code: None,
+                            reason,
+                        },
+                    });
+                    Running {
+                        pid: None,
+                        cancel: Some(cancel_tx),
+                    }
                 }
             }
-            Err(reason) => {
-                let _ = exits.send(Exit {
-                    key,
-                    outcome: Outcome::Failed {
-                        exit_code: None,
-                        reason,
-                    },
-                });
-                Running {
-                    pid: None,
-                    cancel: Some(cancel_tx),
-                }
-            }
-        },
+        }
         Work::Sleep(d) | Work::Fail(d, _) => {
             let fail = match work {
                 Work::Fail(_, code) => Some(code),
@@ -189,28 +200,46 @@ pub fn start(
 
 fn spawn_process(
     argv: &[String],
-    task_env: &BTreeMap<String, String>,
-    env: &BTreeMap<String, String>,
+    job_env: &BTreeMap<String, String>,
+    identity: &BTreeMap<String, String>,
+    sandbox: &Sandbox,
     dir: &Path,
 ) -> Result<tokio::process::Child, String> {
-    let program = argv.first().ok_or("empty argv")?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let stdout =
-        std::fs::File::create(dir.join("stdout.log")).map_err(|e| format!("stdout.log: {e}"))?;
-    let stderr =
-        std::fs::File::create(dir.join("stderr.log")).map_err(|e| format!("stderr.log: {e}"))?;
-    tokio::process::Command::new(program)
-        .args(&argv[1..])
-        .envs(task_env)
-        .envs(env)
+    let launch = sandbox.launch(argv, job_env, identity, dir)?;
+    let mut cmd = tokio::process::Command::new(&launch.program);
+    if let Some(arg0) = argv.first() {
+        cmd.arg0(arg0);
+    }
+    cmd.args(argv.iter().skip(1))
+        .env_clear()
+        .envs(&launch.env)
         .current_dir(dir)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(stdout))
-        .stderr(Stdio::from(stderr))
+        .stdout(Stdio::from(launch.stdout))
+        .stderr(Stdio::from(launch.stderr))
         // Its own process group, so cancel reaches everything it started.
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("cannot start {program:?}: {e}"))
+        .process_group(0);
+    let user = &sandbox.user;
+    if user.switch {
+        let (uid, gid) = (user.uid, user.gid);
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe system calls (setgroups, setgid, setuid), allocating nothing.
+        unsafe {
+            cmd.pre_exec(move || sandbox::drop_privileges(uid, gid));
+        }
+    }
+    cmd.spawn().map_err(|e| {
+        if user.switch {
+            format!(
+                "cannot start {} as user {} (uid {}, --run-as): {e}",
+                launch.program.display(),
+                user.name,
+                user.uid
+            )
+        } else {
+            format!("cannot start {}: {e}", launch.program.display())
+        }
+    })
 }
 
 async fn watch_process(
