@@ -23,7 +23,15 @@ async fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(colour())
         .init();
-    tracing::info!(id = %config.id, slots = config.slots, work_dir = %config.work_dir.display(), "taskmanager starting");
+    tracing::info!(
+        id = %config.id,
+        slots = config.slots,
+        work_dir = %config.work_dir.display(),
+        tls = config.tls.is_some(),
+        client_certificate = config.tls.as_ref().is_some_and(|t| t.has_identity()),
+        token = config.token.is_some(),
+        "taskmanager starting"
+    );
     if let Err(e) = dispatcher_client::taskmanager::run(config, shutdown_signal()).await {
         eprintln!("taskmanager: {e}");
         std::process::exit(1);

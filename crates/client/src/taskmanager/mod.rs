@@ -26,7 +26,7 @@ use std::time::Duration;
 use clap::Parser;
 use tokio::sync::mpsc;
 
-use crate::client::{Client, ClientConfig};
+use crate::client::{Client, ClientConfig, ConnectArgs, TlsConfig, Token};
 use dispatcher_proto::v1 as pb;
 use reconcile::{Action, CancelReason, Event, Phase, Reconciler};
 use runner::{AttemptKey, Exit, Outcome, Running, Work};
@@ -70,6 +70,9 @@ pub struct Args {
     /// Time a cancelled process gets between SIGTERM and SIGKILL, in milliseconds.
     #[arg(long, env = "TASKMANAGER_KILL_GRACE_MS", default_value_t = 3000)]
     pub kill_grace_ms: u64,
+    /// TLS and token, as dispatchctl's (`--ca`, `--cert`, `--key`, `--token-file`, ...).
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 }
 
 /// A validated TaskManager configuration.
@@ -89,6 +92,10 @@ pub struct Config {
     pub address: String,
     /// SIGTERM-to-SIGKILL grace.
     pub kill_grace: Duration,
+    /// TLS settings for the dispatchers (read from `--ca`, `--cert`, `--key`).
+    pub tls: Option<TlsConfig>,
+    /// Bearer token (a `taskmanager` token bound to this id). `Debug` redacts it.
+    pub token: Option<Token>,
 }
 
 impl Args {
@@ -118,7 +125,11 @@ impl Args {
         if dispatchers.is_empty() {
             return Err("--dispatchers needs at least one address".into());
         }
+        let tls = self.connect.tls().map_err(|e| e.to_string())?;
+        let token = self.connect.token().map_err(|e| e.to_string())?;
         Ok(Config {
+            tls,
+            token,
             work_dir: self
                 .work_dir
                 .unwrap_or_else(|| PathBuf::from("tm-work").join(&self.id)),
@@ -417,6 +428,8 @@ pub async fn run(
     // The agent retries every failed call on its own schedule; giving up before the
     // deadline when no dispatcher listens would only make it retry and log more often.
     client_config.unreachable_timeout = client_config.timeout;
+    client_config.tls = config.tls.clone();
+    client_config.token = config.token.clone();
     let client = Client::new(client_config)?;
     let (exits_tx, mut exits) = mpsc::unbounded_channel();
     let mut agent = Agent {
