@@ -804,3 +804,5 @@ pub fn is_terminal(s: &pb::JobStatus) -> bool {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod token_tests;

@@ -467,7 +467,8 @@ async fn health(config: &ClientConfig, endpoint: &str, service: &str) -> Result<
     let timeout = config.timeout;
     // Health is open to everyone: no token is sent, but TLS applies as to any call.
     let channel = config
-        .endpoint(endpoint)?
+        .endpoint(endpoint)
+        .map_err(|e| failure(exit::REFUSED, e.to_string()))?
         .connect_timeout(timeout)
         .timeout(timeout)
         .connect()
