@@ -5,9 +5,16 @@
 //! hint a follower returns), retries on another replica with jittered exponential
 //! backoff when a replica is down, not the leader or slow, and gives up at the call's
 //! deadline, or after about a second when nothing listens at any endpoint (waiting out
-//! an election helps; waiting for a cluster that is not running does not). Every write
+//! an election helps; waiting for a cluster that is not running does not, and neither does
+//! a TLS handshake that fails everywhere). Every write
 //! it sends is idempotent: a submission's job id is chosen before the first try and
 //! reused on every retry, so one submission never becomes two.
+//!
+//! Security ([`security`]): with [`ClientConfig::tls`] every address, configured or
+//! hinted, is dialed as `https://host:port` and the replica's certificate must chain to
+//! the configured CA; with [`ClientConfig::token`] every request carries
+//! `authorization: Bearer <secret>`. UNAUTHENTICATED and PERMISSION_DENIED are answers,
+//! not outages: they are never retried and surface with the replica's message.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use tokio_stream::{Stream, StreamExt};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -27,8 +35,13 @@ use dispatcher_proto::v1::job_service_client::JobServiceClient;
 use dispatcher_proto::v1::task_manager_service_client::TaskManagerServiceClient;
 
 mod attempts;
+pub mod security;
 pub(crate) use attempts::transport_cause;
-use attempts::{classify, leader_hint, no_answer_within, retryable, CallHistory, EndpointChoice};
+use attempts::{
+    classify, connection_dropped, leader_hint, no_answer_within, retryable, CallHistory,
+    EndpointChoice, PLAIN_TEXT_HINT,
+};
+pub use security::{BearerAuth, ConnectArgs, SecurityError, TlsConfig, Token};
 
 /// Client settings.
 #[derive(Clone, Debug)]
@@ -49,6 +62,10 @@ pub struct ClientConfig {
     /// call gives up ahead of its deadline: nothing is listening, so no election is
     /// running that waiting could outlast.
     pub unreachable_timeout: Duration,
+    /// TLS settings: `Some` dials every replica over TLS, trusting only their CA.
+    pub tls: Option<TlsConfig>,
+    /// Bearer token sent with every request. Its `Debug` is `<redacted>`.
+    pub token: Option<Token>,
 }
 
 impl ClientConfig {
@@ -62,9 +79,48 @@ impl ClientConfig {
             min_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(250),
             unreachable_timeout: Duration::from_secs(1),
+            tls: None,
+            token: None,
         }
     }
+
+    /// With TLS settings.
+    pub fn with_tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// With a bearer token.
+    pub fn with_token(mut self, token: Token) -> Self {
+        self.token = Some(token);
+        self
+    }
+
+    /// The tonic endpoint for `addr` (`host:port`, or a URI whose scheme matches the TLS
+    /// settings), with these TLS settings and the connect timeout. For calls the client
+    /// does not make itself (a health check); it carries no token.
+    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, ClientError> {
+        let invalid = |reason: String| ClientError::Endpoint {
+            endpoint: addr.to_string(),
+            reason,
+        };
+        let uri = security::endpoint_uri(addr, self.tls.is_some()).map_err(invalid)?;
+        let mut endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| invalid(e.to_string()))?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.client_tls_config())
+                .map_err(|e| invalid(format!("TLS settings: {}", transport_cause(&e))))?;
+        }
+        Ok(endpoint)
+    }
 }
+
+/// A connection to one replica, as [`Client::call`] hands it to a call: a lazily
+/// connected channel (TLS if configured) whose requests carry the bearer token.
+pub type Connection = InterceptedService<Channel, BearerAuth>;
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +215,15 @@ impl ClientError {
             ClientError::Endpoint { .. } => None,
         }
     }
+
+    /// Whether the cluster refused the caller: no token, an unknown or revoked one
+    /// (UNAUTHENTICATED), or a role that does not allow the call (PERMISSION_DENIED).
+    pub fn is_auth(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(Code::Unauthenticated | Code::PermissionDenied)
+        )
+    }
 }
 
 /// Why a try ended the retry loop, or may not.
@@ -173,7 +238,7 @@ enum TryError {
 #[derive(Clone)]
 pub struct Client {
     config: Arc<ClientConfig>,
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    channels: Arc<Mutex<HashMap<String, Connection>>>,
     choice: Arc<Mutex<EndpointChoice>>,
 }
 
@@ -192,9 +257,14 @@ impl Client {
             choice: Arc::new(Mutex::new(EndpointChoice::default())),
         };
         for e in &client.config.endpoints {
-            client.channel(e)?;
+            client.connection(e)?;
         }
         Ok(client)
+    }
+
+    /// The settings this client was made with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
     }
 
     /// A client with default settings.
@@ -204,26 +274,18 @@ impl Client {
         ))
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+    /// The (cached, lazily connected) connection to one address, configured or not:
+    /// for calls to one replica in particular, with no retry elsewhere.
+    pub fn connection(&self, addr: &str) -> Result<Connection, ClientError> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let channel = Endpoint::from_shared(uri)
-            .map_err(|e| ClientError::Endpoint {
-                endpoint: addr.to_string(),
-                reason: e.to_string(),
-            })?
-            .connect_timeout(self.config.connect_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
-        channels.insert(addr.to_string(), channel.clone());
-        Ok(channel)
+        let channel = self.config.endpoint(addr)?.connect_lazy();
+        let connection =
+            InterceptedService::new(channel, BearerAuth::new(self.config.token.clone()));
+        channels.insert(addr.to_string(), connection.clone());
+        Ok(connection)
     }
 
     fn choice(&self) -> std::sync::MutexGuard<'_, EndpointChoice> {
@@ -233,7 +295,7 @@ impl Client {
     /// Runs `op` against the cluster with retries until the call's deadline.
     pub async fn call<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
     where
-        F: Fn(Channel, Duration) -> Fut,
+        F: Fn(Connection, Duration) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         self.call_hinted(|ch, t| {
@@ -247,7 +309,7 @@ impl Client {
     /// that forwarded the call says where it went).
     pub async fn call_unary<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
     where
-        F: Fn(Channel, Duration) -> Fut,
+        F: Fn(Connection, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         self.call_hinted(|ch, t| {
@@ -264,7 +326,7 @@ impl Client {
 
     async fn call_hinted<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
     where
-        F: Fn(Channel, Duration) -> Fut,
+        F: Fn(Connection, Duration) -> Fut,
         Fut: Future<Output = Result<(T, Option<String>), Status>>,
     {
         let started = Instant::now();
@@ -279,7 +341,7 @@ impl Client {
                 .ok_or_else(|| TryError::Failed(Status::invalid_argument("no endpoints given")))?;
             history().started(&addr);
             let channel = self
-                .channel(&addr)
+                .connection(&addr)
                 .map_err(|e| TryError::Failed(Status::invalid_argument(e.to_string())))?;
             let result = match tokio::time::timeout(per_try, op(channel, per_try)).await {
                 Ok(r) => r,
@@ -292,7 +354,11 @@ impl Client {
                     *last.lock().unwrap_or_else(|p| p.into_inner()) = s.clone();
                     let at = started.elapsed();
                     let mut h = history();
-                    h.failed(at, &addr, classify(s, per_try));
+                    let mut failure = classify(s, per_try);
+                    if self.config.tls.is_none() && connection_dropped(s) {
+                        failure.cause.push_str(PLAIN_TEXT_HINT);
+                    }
+                    h.failed(at, &addr, failure);
                     let window = self.config.unreachable_timeout;
                     if h.nothing_listening(at, &self.config.endpoints, window) {
                         return Err(TryError::NothingListening(s.clone()));
@@ -589,7 +655,7 @@ impl Client {
 
     /// The status of one endpoint only (no retry elsewhere).
     pub async fn replica_status(&self, endpoint: &str) -> Result<pb::StatusResponse, ClientError> {
-        let ch = self.channel(endpoint)?;
+        let ch = self.connection(endpoint)?;
         let req = request(
             pb::StatusRequest { local_only: true },
             self.config.per_try_timeout,
@@ -632,6 +698,91 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Creates a bearer token (needs an admin token). The response holds its secret, the
+    /// only time the cluster shows it.
+    ///
+    /// Not idempotent the way submissions are: the secret is drawn by the leader, so a
+    /// try whose answer was lost may have created the token, and the retry then finds the
+    /// name taken. That ALREADY_EXISTS says so (the secret is lost: revoke and create
+    /// again).
+    pub async fn create_token(
+        &self,
+        name: &str,
+        role: pb::TokenRole,
+        task_managers: Vec<String>,
+    ) -> Result<pb::CreateTokenResponse, ClientError> {
+        let tries = std::sync::atomic::AtomicUsize::new(0);
+        let result = self
+            .call_unary(|ch, t| {
+                tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let req = request(
+                    pb::CreateTokenRequest {
+                        name: name.to_string(),
+                        role: role as i32,
+                        task_managers: task_managers.clone(),
+                    },
+                    t,
+                );
+                async move { ClusterServiceClient::new(ch).create_token(req).await }
+            })
+            .await;
+        match result {
+            Err(ClientError::Rejected(s))
+                if s.code() == Code::AlreadyExists
+                    && tries.load(std::sync::atomic::Ordering::Relaxed) > 1 =>
+            {
+                Err(ClientError::Rejected(Status::already_exists(format!(
+                    "{} (an earlier try of this call, whose answer was lost, may have created \
+                     it: its secret is lost; revoke it and create it again)",
+                    s.message()
+                ))))
+            }
+            other => other,
+        }
+    }
+
+    /// Every token (names, roles, bindings, creation times; never secrets). Admin only.
+    pub async fn list_tokens(&self) -> Result<Vec<pb::TokenInfo>, ClientError> {
+        let resp = self
+            .call_unary(|ch, t| {
+                let req = request(pb::ListTokensRequest {}, t);
+                async move { ClusterServiceClient::new(ch).list_tokens(req).await }
+            })
+            .await?;
+        Ok(resp.tokens)
+    }
+
+    /// Revokes the token `name` (admin only); it is refused as soon as this returns.
+    /// Idempotent across retries: NOT_FOUND after a try that may have revoked it counts
+    /// as done.
+    pub async fn revoke_token(&self, name: &str) -> Result<(), ClientError> {
+        let tries = std::sync::atomic::AtomicUsize::new(0);
+        let result = self
+            .call_unary(|ch, t| {
+                tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let req = request(
+                    pb::RevokeTokenRequest {
+                        name: name.to_string(),
+                    },
+                    t,
+                );
+                async move { ClusterServiceClient::new(ch).revoke_token(req).await }
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(ClientError::Rejected(s))
+                if s.code() == Code::NotFound
+                    && tries.load(std::sync::atomic::Ordering::Relaxed) > 1 =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// A fresh random job id.
 pub fn new_job_id() -> String {
     uuid::Uuid::new_v4().hyphenated().to_string()
@@ -653,3 +804,5 @@ pub fn is_terminal(s: &pb::JobStatus) -> bool {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod token_tests;

@@ -15,4 +15,7 @@ pub mod cli;
 pub mod client;
 pub mod taskmanager;
 
-pub use client::{new_job_id, Client, ClientConfig, ClientError};
+pub use client::{
+    new_job_id, BearerAuth, Client, ClientConfig, ClientError, ConnectArgs, Connection,
+    SecurityError, TlsConfig, Token,
+};

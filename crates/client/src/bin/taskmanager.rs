@@ -24,8 +24,14 @@ async fn main() {
         .with_ansi(colour())
         .init();
     tracing::info!(
-        id = %config.id, slots = config.slots, work_dir = %config.work_dir.display(),
-        tasks_run_as = %config.sandbox.describe(), "taskmanager starting"
+        id = %config.id,
+        slots = config.slots,
+        work_dir = %config.work_dir.display(),
+        tasks_run_as = %config.sandbox.describe(),
+        tls = config.tls.is_some(),
+        client_certificate = config.tls.as_ref().is_some_and(|t| t.has_identity()),
+        token = config.token.is_some(),
+        "taskmanager starting"
     );
     if config.sandbox.user.uid == 0 {
         tracing::warn!(id = %config.id, "command tasks run as root (--allow-root-tasks)");

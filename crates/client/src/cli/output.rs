@@ -390,6 +390,127 @@ impl Output {
     }
 }
 
+/// A token role's name, as `--role` takes it.
+pub fn role_name(raw: i32) -> &'static str {
+    match pb::TokenRole::try_from(raw) {
+        Ok(pb::TokenRole::Admin) => "admin",
+        Ok(pb::TokenRole::Submit) => "submit",
+        Ok(pb::TokenRole::Read) => "read",
+        Ok(pb::TokenRole::TaskManager) => "taskmanager",
+        _ => "unknown",
+    }
+}
+
+/// Milliseconds since the epoch as an RFC 3339 UTC time, to the second.
+pub fn utc(ms: u64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| t.replace_nanosecond(0).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} ms"))
+}
+
+fn token_json(t: &pb::TokenInfo) -> Value {
+    json!({
+        "name": t.name, "role": role_name(t.role), "task_managers": t.task_managers,
+        "created_at_ms": t.created_at_ms,
+    })
+}
+
+impl Output {
+    /// A created token. Table mode prints the secret alone on stdout (for
+    /// `dispatchctl token create … > FILE`) and the rest on stderr.
+    pub fn token_created(&self, r: &pb::CreateTokenResponse) {
+        let info = r.token.clone().unwrap_or_default();
+        match self.format {
+            Format::Table => {
+                println!("{}", r.secret);
+                eprintln!(
+                    "created token {:?} (role {}); its secret above is shown only this once",
+                    info.name,
+                    role_name(info.role)
+                );
+            }
+            Format::Json => {
+                let mut v = token_json(&info);
+                v["secret"] = Value::String(r.secret.clone());
+                print_json(&v);
+            }
+        }
+    }
+
+    /// Tokens.
+    pub fn tokens(&self, tokens: &[pb::TokenInfo]) {
+        match self.format {
+            Format::Table => {
+                let mut t = table(&["NAME", "ROLE", "TASKMANAGERS", "CREATED"]);
+                for tok in tokens {
+                    t.add_row(vec![
+                        tok.name.clone(),
+                        role_name(tok.role).to_string(),
+                        if tok.task_managers.is_empty() {
+                            "-".to_string()
+                        } else {
+                            tok.task_managers.join(",")
+                        },
+                        utc(tok.created_at_ms),
+                    ]);
+                }
+                println!("{t}");
+            }
+            Format::Json => print_json(&Value::Array(tokens.iter().map(token_json).collect())),
+        }
+    }
+
+    /// A revoked token.
+    pub fn token_revoked(&self, name: &str) {
+        match self.format {
+            Format::Table => println!("revoked token {name:?}"),
+            Format::Json => print_json(&json!({"name": name, "revoked": true})),
+        }
+    }
+
+    /// What `dev-certs` wrote: the files on stderr; on stdout the lines to export (table
+    /// mode, so that `eval "$(dispatchctl dev-certs --out DIR)"` works) or one JSON
+    /// document.
+    pub fn dev_certs(&self, w: &super::dev_certs::Written) {
+        let ca = w.ca().display().to_string();
+        let token = w.admin_token().display().to_string();
+        match self.format {
+            Format::Table => {
+                for f in &w.files {
+                    eprintln!("wrote {}: {}", f.path.display(), f.what);
+                }
+                println!("export DISPATCHER_CA={}", shell_word(&ca));
+                println!("export DISPATCHER_TOKEN_FILE={}", shell_word(&token));
+            }
+            Format::Json => print_json(&json!({
+                "dir": w.dir.display().to_string(),
+                "files": w.files.iter().map(|f| json!({
+                    "path": f.path.display().to_string(), "what": f.what,
+                })).collect::<Vec<_>>(),
+                "env": {"DISPATCHER_CA": ca, "DISPATCHER_TOKEN_FILE": token},
+            })),
+        }
+    }
+}
+
+/// `s` as one shell word: as is when it is safe, else single-quoted.
+pub fn shell_word(s: &str) -> String {
+    let safe = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:@%,=".contains(&b));
+    if safe {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

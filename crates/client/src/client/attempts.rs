@@ -70,9 +70,60 @@ impl EndpointChoice {
 pub(super) struct TryFailure {
     /// The cause in a few words, for the final error.
     pub(super) cause: String,
-    /// Nothing accepted the TCP connection: refused, or no route to the host. Anything
-    /// else (a replica's UNAVAILABLE, a timeout, a dropped stream) may be an election.
+    /// Nothing we can talk to listens there: the TCP connection was refused or had no
+    /// route, or the TLS handshake failed (a certificate that does not chain to our CA
+    /// will not start to during an election). Anything else (a replica's UNAVAILABLE, a
+    /// timeout, a dropped stream) may be an election.
     pub(super) not_listening: bool,
+}
+
+/// What usually causes a TLS failure, from rustls' own error.
+fn tls_hint(e: &rustls::Error) -> &'static str {
+    use rustls::{AlertDescription as Alert, CertificateError as Cert, Error};
+    match e {
+        Error::InvalidCertificate(Cert::UnknownIssuer | Cert::BadSignature) => CA_HINT,
+        Error::InvalidCertificate(Cert::NotValidForName | Cert::NotValidForNameContext { .. }) => {
+            " (the address dialed is not among the names of the replica's certificate)"
+        }
+        Error::InvalidCertificate(Cert::Expired | Cert::ExpiredContext { .. }) => {
+            " (the replica's certificate has expired)"
+        }
+        Error::AlertReceived(
+            Alert::CertificateRequired
+            | Alert::BadCertificate
+            | Alert::UnknownCA
+            | Alert::CertificateUnknown
+            | Alert::AccessDenied,
+        ) => CLIENT_CERT_HINT,
+        Error::InvalidMessage(_) => NOT_TLS_HINT,
+        _ => "",
+    }
+}
+
+const CA_HINT: &str = " (is --ca the CA that signed the replicas' certificates?)";
+const CLIENT_CERT_HINT: &str =
+    " (the replica wants a client certificate of its CA: --cert and --key)";
+const NOT_TLS_HINT: &str = " (does the replica serve TLS? one without --tls-cert speaks plain \
+                            gRPC: drop --ca)";
+
+/// A TLS failure that reached us only as text: after the handshake (TLS 1.3 checks a
+/// client certificate then), HTTP/2 keeps an I/O error's kind and message but drops the
+/// rustls error inside it.
+fn tls_text_hint(message: &str) -> &'static str {
+    let alert = |names: &[&str]| names.iter().any(|n| message.contains(n));
+    if alert(&[
+        "CertificateRequired",
+        "BadCertificate",
+        "UnknownCA",
+        "CertificateUnknown",
+        "AccessDenied",
+    ]) {
+        CLIENT_CERT_HINT
+    } else if alert(&["UnknownIssuer", "BadSignature"]) {
+        CA_HINT
+    } else {
+        ""
+    }
 }
 
 /// The cause of a transport failure, read from the I/O error at the bottom of its chain
@@ -82,6 +133,19 @@ pub(super) fn io_cause(err: &(dyn std::error::Error + 'static)) -> Option<TryFai
     use std::io::ErrorKind;
     let mut source = Some(err);
     while let Some(e) = source {
+        // tokio-rustls reports a failed handshake as an I/O error around rustls' own,
+        // which `source()` skips over: look inside.
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(tls) = tls {
+            return Some(TryFailure {
+                cause: format!("TLS handshake failed: {tls}{}", tls_hint(tls)),
+                not_listening: true,
+            });
+        }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             let (cause, not_listening) = match io.kind() {
                 ErrorKind::ConnectionRefused => ("connection refused".to_string(), true),
@@ -89,6 +153,13 @@ pub(super) fn io_cause(err: &(dyn std::error::Error + 'static)) -> Option<TryFai
                 ErrorKind::NetworkUnreachable => ("network unreachable".to_string(), true),
                 // A host that swallows SYNs may be partitioned, not gone.
                 ErrorKind::TimedOut => ("connect timed out".to_string(), false),
+                // What rustls' failures become on the way up; a plain TCP stream does
+                // not report invalid data. Like a refusal, retrying will not mend it.
+                ErrorKind::InvalidData => {
+                    let message = io.to_string();
+                    let hint = tls_text_hint(&message);
+                    (format!("TLS failed: {message}{hint}"), true)
+                }
                 _ => (io.to_string(), false),
             };
             return Some(TryFailure {
@@ -128,6 +199,31 @@ pub(super) fn classify(status: &Status, per_try: Duration) -> TryFailure {
         not_listening: false,
     }
 }
+
+/// Whether a try failed because the replica closed a connection it had accepted (a reset,
+/// a broken pipe, an early end): what a TLS port does to a plain-text client, and also
+/// what a replica that stops does, so it is a hint, not a verdict.
+pub(super) fn connection_dropped(err: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind;
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::BrokenPipe
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::UnexpectedEof
+            );
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// Appended to a dropped connection's cause when the client does not use TLS.
+pub(super) const PLAIN_TEXT_HINT: &str =
+    " (if the cluster serves TLS, connect with --ca FILE or DISPATCHER_CA)";
 
 pub(super) fn no_answer_within(per_try: Duration) -> String {
     format!("no answer within {}", seconds(per_try))

@@ -414,7 +414,7 @@ fn closed_address() -> String {
 #[tokio::test]
 async fn a_refused_connection_is_recognised_through_tonic() {
     let client = quick_client();
-    let channel = match client.channel(&closed_address()) {
+    let channel = match client.connection(&closed_address()) {
         Ok(c) => c,
         Err(e) => panic!("channel: {e}"),
     };

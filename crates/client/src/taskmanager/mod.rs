@@ -29,7 +29,7 @@ use std::time::Duration;
 use clap::Parser;
 use tokio::sync::mpsc;
 
-use crate::client::{Client, ClientConfig};
+use crate::client::{Client, ClientConfig, ConnectArgs, TlsConfig, Token};
 use dispatcher_proto::v1 as pb;
 use reconcile::{Action, CancelReason, Event, Phase, Reconciler};
 use runner::{AttemptKey, Exit, Outcome, Running, Work};
@@ -77,6 +77,9 @@ pub struct Args {
     /// What command tasks may run, and as whom.
     #[command(flatten)]
     pub sandbox: SandboxArgs,
+    /// TLS and token, as dispatchctl's (`--ca`, `--cert`, `--key`, `--token-file`, ...).
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 }
 
 /// A validated TaskManager configuration.
@@ -98,6 +101,10 @@ pub struct Config {
     pub kill_grace: Duration,
     /// What command tasks may run, and as whom.
     pub sandbox: Sandbox,
+    /// TLS settings for the dispatchers (read from `--ca`, `--cert`, `--key`).
+    pub tls: Option<TlsConfig>,
+    /// Bearer token (a `taskmanager` token bound to this id). `Debug` redacts it.
+    pub token: Option<Token>,
 }
 
 impl Args {
@@ -129,7 +136,11 @@ impl Args {
             return Err("--dispatchers needs at least one address".into());
         }
         let sandbox = self.sandbox.into_sandbox()?;
+        let tls = self.connect.tls().map_err(|e| e.to_string())?;
+        let token = self.connect.token().map_err(|e| e.to_string())?;
         Ok(Config {
+            tls,
+            token,
             work_dir: self
                 .work_dir
                 .unwrap_or_else(|| PathBuf::from("tm-work").join(&self.id)),
@@ -430,6 +441,8 @@ pub async fn run(
     // The agent retries every failed call on its own schedule; giving up before the
     // deadline when no dispatcher listens would only make it retry and log more often.
     client_config.unreachable_timeout = client_config.timeout;
+    client_config.tls = config.tls.clone();
+    client_config.token = config.token.clone();
     let client = Client::new(client_config)?;
     let (exits_tx, mut exits) = mpsc::unbounded_channel();
     let mut agent = Agent {
