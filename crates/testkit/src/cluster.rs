@@ -1,13 +1,20 @@
 //! A real cluster of `dispatcher` replicas and `taskmanager` agents as processes on
 //! loopback, for the end-to-end tests: it owns their ports, data and work directories,
 //! logs and lifetimes (nothing it started outlives it).
+//!
+//! Secured by default, as a user deploys it: development certificates
+//! (`dispatchctl dev-certs`) in `<dir>/certs`, TLS on every replica and to peers, the
+//! bootstrap admin token, TaskManagers with a `taskmanager` token. [`ProcCluster::client`]
+//! and the [`crate::dispatchctl`] runner use the admin token and the CA; a test that
+//! needs plain text starts with [`ProcCluster::start_plain`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use dispatcher_client::{Client, ClientConfig};
+use dispatcher_client::cli::dev_certs::{self, DevCertsArgs};
+use dispatcher_client::{Client, ClientConfig, TlsConfig, Token};
 use dispatcher_proto::v1 as pb;
 
 use crate::signal::{self, Signal};
@@ -40,6 +47,37 @@ pub struct ProcCluster {
     pub tms: BTreeMap<String, Tm>,
     pub initial: String,
     pub extra_args: Vec<String>,
+    /// The certificates and tokens, when the cluster is secured.
+    pub security: Option<Security>,
+}
+
+/// Where a secured cluster's certificates and tokens are.
+#[derive(Clone, Debug)]
+pub struct Security {
+    /// The directory `dispatchctl dev-certs` wrote.
+    pub dir: PathBuf,
+}
+
+impl Security {
+    /// The CA certificate clients trust.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+    /// The bootstrap admin token's file.
+    pub fn admin_token(&self) -> PathBuf {
+        self.dir.join("admin.token")
+    }
+    /// The TaskManagers' token file (created on the first TaskManager's start).
+    pub fn task_manager_token(&self) -> PathBuf {
+        self.dir.join("taskmanager.token")
+    }
+    /// The admin token's secret.
+    pub fn admin_secret(&self) -> String {
+        std::fs::read_to_string(self.admin_token())
+            .expect("admin token file")
+            .trim()
+            .to_string()
+    }
 }
 
 /// The `dispatcher` binary.
@@ -68,9 +106,29 @@ impl ProcCluster {
         Self::start_custom(n, flags, &[])
     }
 
+    /// Starts `n` replicas in plain text without tokens (flags as [`Self::start_with`]).
+    pub fn start_plain(n: u64, flags: &[&str]) -> ProcCluster {
+        Self::start_inner(n, flags, &[], false)
+    }
+
     /// Starts `n` replicas with common flags and flags for replica 1 only.
     pub fn start_custom(n: u64, flags: &[&str], first_only: &[&str]) -> ProcCluster {
+        Self::start_inner(n, flags, first_only, true)
+    }
+
+    fn start_inner(n: u64, flags: &[&str], first_only: &[&str], secure: bool) -> ProcCluster {
         let dir = tempfile::tempdir().expect("tempdir");
+        let security = secure.then(|| {
+            let certs = dir.path().join("certs");
+            dev_certs::run(&DevCertsArgs {
+                out: certs.clone(),
+                replicas: n as u32,
+                hosts: vec![],
+                force: false,
+            })
+            .expect("development certificates");
+            Security { dir: certs }
+        });
         let ports = free_ports(n as usize).expect("free loopback ports");
         let initial = (1..=n)
             .map(|id| format!("{id}=127.0.0.1:{}", ports[(id - 1) as usize]))
@@ -83,11 +141,15 @@ impl ProcCluster {
             initial,
             extra_args: flags.iter().map(|s| s.to_string()).collect(),
             dir,
+            security,
         };
         for id in 1..=n {
             let addr = format!("127.0.0.1:{}", ports[(id - 1) as usize]);
             let data_dir = c.dir.path().join(format!("data/{id}"));
             let log = c.dir.path().join(format!("replica-{id}.log"));
+            if let Some(sec) = &c.security {
+                crate::register_security(&addr, sec.clone());
+            }
             c.procs.insert(
                 id,
                 Proc {
@@ -118,10 +180,26 @@ impl ProcCluster {
         self.procs.values().map(|p| p.addr.clone()).collect()
     }
 
+    /// A client over every replica, with the admin token when secured.
     pub fn client(&self) -> Client {
+        self.client_with_token(
+            self.security
+                .as_ref()
+                .map(Security::admin_secret)
+                .as_deref(),
+        )
+    }
+
+    /// A client over every replica with this token (`None`: no token), trusting the
+    /// cluster's CA when secured.
+    pub fn client_with_token(&self, token: Option<&str>) -> Client {
         let mut cfg = ClientConfig::new(self.endpoints());
         cfg.timeout = Duration::from_secs(20);
         cfg.per_try_timeout = Duration::from_secs(2);
+        if let Some(sec) = &self.security {
+            cfg.tls = Some(TlsConfig::from_ca_file(&sec.ca()).expect("the cluster's CA"));
+        }
+        cfg.token = token.map(|t| Token::new(t).expect("a token"));
         Client::new(cfg).expect("client")
     }
 
@@ -131,6 +209,19 @@ impl ProcCluster {
         let mut extra = self.extra_args.clone();
         if id == 1 {
             extra.extend(self.first_only.iter().cloned());
+        }
+        if let Some(sec) = &self.security {
+            let file = |name: String| sec.dir.join(name).to_str().expect("utf-8").to_string();
+            extra.extend([
+                "--tls-cert".into(),
+                file(format!("replica-{id}.crt")),
+                "--tls-key".into(),
+                file(format!("replica-{id}.key")),
+                "--tls-ca".into(),
+                file("ca.crt".into()),
+                "--bootstrap-token-file".into(),
+                file("admin.token".into()),
+            ]);
         }
         let p = self.procs.get_mut(&id).expect("known replica");
         let log = std::fs::OpenOptions::new()
@@ -258,6 +349,30 @@ impl ProcCluster {
         self.start_tm_with_env(id, slots, extra, &[]);
     }
 
+    /// Creates, once, the `taskmanager` token every TaskManager of a secured cluster
+    /// uses (bound to every id), as an operator would with `dispatchctl token create`.
+    fn ensure_task_manager_token(&self, sec: &Security) {
+        if sec.task_manager_token().exists() {
+            return;
+        }
+        let (code, out, err) = crate::dispatchctl(
+            &self.endpoints().join(","),
+            "30",
+            &[
+                "token",
+                "create",
+                "--role",
+                "taskmanager",
+                "--name",
+                "taskmanagers",
+                "--task-manager",
+                "*",
+            ],
+        );
+        assert_eq!(code, 0, "create the TaskManagers' token: {err}");
+        std::fs::write(sec.task_manager_token(), out.trim()).expect("write the token file");
+    }
+
     /// Starts a TaskManager `id` with extra flags and environment variables.
     pub fn start_tm_with_env(
         &mut self,
@@ -280,6 +395,17 @@ impl ProcCluster {
         ];
         args.push("--work-dir".into());
         args.push(work_dir.to_str().expect("utf-8").into());
+        if let Some(sec) = self.security.clone() {
+            let own_token = extra.iter().any(|a| a.starts_with("--token"));
+            args.extend(["--ca".into(), sec.ca().to_str().expect("utf-8").into()]);
+            if !own_token {
+                self.ensure_task_manager_token(&sec);
+                args.extend([
+                    "--token-file".into(),
+                    sec.task_manager_token().to_str().expect("utf-8").into(),
+                ]);
+            }
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         self.tms.insert(
             id.to_string(),

@@ -120,14 +120,51 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Secured clusters by replica address, so that [`dispatchctl`] finds the CA and token
+/// of the cluster its endpoints belong to (every cluster has its own ports).
+static SECURITY: std::sync::Mutex<Vec<(String, cluster::Security)>> =
+    std::sync::Mutex::new(Vec::new());
+
+pub(crate) fn register_security(addr: &str, security: cluster::Security) {
+    let mut all = SECURITY.lock().unwrap_or_else(|p| p.into_inner());
+    all.retain(|(a, _)| a != addr);
+    all.push((addr.to_string(), security));
+}
+
+/// The security of the cluster `endpoints` (comma-separated) belong to, if secured.
+pub fn security_of(endpoints: &str) -> Option<cluster::Security> {
+    let all = SECURITY.lock().unwrap_or_else(|p| p.into_inner());
+    endpoints.split(',').find_map(|e| {
+        let e = e
+            .trim()
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
+        all.iter().find(|(a, _)| a == e).map(|(_, s)| s.clone())
+    })
+}
+
 /// Runs the `dispatchctl` binary against `endpoints` with a `--timeout` of `timeout`
-/// seconds: its exit code (-1 if a signal ended it), stdout and stderr.
+/// seconds: its exit code (-1 if a signal ended it), stdout and stderr. Against a secured
+/// [`ProcCluster`] it passes the cluster's `--ca`, and its admin `--token-file` unless
+/// `args` name a token themselves. The test process's `DISPATCHER_*` variables do not
+/// reach it.
 pub fn dispatchctl(endpoints: &str, timeout: &str, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(bin("dispatchctl"))
-        .args(["--endpoints", endpoints, "--timeout", timeout])
-        .args(args)
-        .output()
-        .expect("run dispatchctl");
+    let mut cmd = std::process::Command::new(bin("dispatchctl"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("DISPATCHER_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.args(["--endpoints", endpoints, "--timeout", timeout]);
+    if let Some(sec) = security_of(endpoints) {
+        if !args.contains(&"--ca") {
+            cmd.arg("--ca").arg(sec.ca());
+        }
+        if !args.iter().any(|a| a.starts_with("--token")) {
+            cmd.arg("--token-file").arg(sec.admin_token());
+        }
+    }
+    let out = cmd.args(args).output().expect("run dispatchctl");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

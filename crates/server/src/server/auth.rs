@@ -66,6 +66,9 @@ pub struct Caller {
     tls: bool,
     /// The header to pass on when the call is forwarded to the leader.
     authorization: Option<AsciiMetadataValue>,
+    /// The token is not known here yet (this replica may lag behind its creation): the
+    /// call may only be forwarded, and the leader decides.
+    deferred: bool,
 }
 
 impl Caller {
@@ -145,6 +148,11 @@ impl Caller {
         }
     }
 
+    /// Whether authentication was left to the leader (see [`Authenticator::authenticate`]).
+    pub fn is_deferred(&self) -> bool {
+        self.deferred
+    }
+
     /// The authorization header to forward with the call.
     pub fn authorization(&self) -> Option<&AsciiMetadataValue> {
         self.authorization.as_ref()
@@ -171,12 +179,19 @@ impl Authenticator {
     /// Establishes the caller of a request that needs `access`, or refuses it:
     /// UNAUTHENTICATED without a known token, PERMISSION_DENIED with the wrong role or
     /// without a peer certificate.
+    ///
+    /// `forwardable`: the call will go to the leader unless this replica leads. A token
+    /// this replica does not know (yet: it may lag behind the token's creation) then
+    /// gives a deferred caller, which may only be forwarded; the leader, which applied
+    /// every committed token, decides. Without it, a token created a moment ago would be
+    /// refused by a lagging follower.
     pub fn authenticate(
         &self,
         rpc: &str,
         access: Access,
         metadata: &MetadataMap,
         certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+        forwardable: bool,
     ) -> Result<Caller, ApiError> {
         let mut caller = Caller {
             certs,
@@ -199,6 +214,8 @@ impl Authenticator {
             caller.open = true;
             return Ok(caller);
         }
+        let rpc = method_name(rpc);
+        let rpc = rpc.as_str();
         let needs = permission.roles();
         let Some(secret) = bearer(metadata) else {
             return Err(ApiError::Unauthenticated(format!(
@@ -206,6 +223,17 @@ impl Authenticator {
             )));
         };
         let Some(token) = state.token_by_hash(&hash_secret(secret)) else {
+            if forwardable {
+                caller.deferred = true;
+                return Ok(caller);
+            }
+            if !state.has_tokens() {
+                // Tokens are required here but none has reached this replica yet: the
+                // bootstrap token commits once a leader is elected. Retrying helps.
+                return Err(ApiError::Unavailable(format!(
+                    "this replica knows no token yet (the bootstrap token is created once a leader is elected by a replica started with --bootstrap-token-file); {rpc} needs role {needs}"
+                )));
+            }
             let why = if state.has_tokens() {
                 "the token is not known to the cluster (never issued, or revoked)"
             } else {
@@ -226,6 +254,19 @@ impl Authenticator {
     }
 }
 
+/// `submit_job` as gRPC names it: `SubmitJob`.
+fn method_name(rpc: &str) -> String {
+    rpc.split('_')
+        .map(|word| {
+            let mut chars = word.chars();
+            match chars.next() {
+                Some(first) => first.to_ascii_uppercase().to_string() + chars.as_str(),
+                None => String::new(),
+            }
+        })
+        .collect()
+}
+
 /// The secret of an `authorization: Bearer <secret>` header, if well formed.
 fn bearer(metadata: &MetadataMap) -> Option<&str> {
     let value = metadata.get(AUTHORIZATION)?.to_str().ok()?;
@@ -242,6 +283,12 @@ mod tests {
         let mut m = MetadataMap::new();
         m.insert(AUTHORIZATION, v.parse().expect("ascii"));
         m
+    }
+
+    #[test]
+    fn messages_name_methods_as_grpc_does() {
+        assert_eq!(method_name("submit_job"), "SubmitJob");
+        assert_eq!(method_name("status"), "Status");
     }
 
     #[test]

@@ -150,22 +150,29 @@ impl Edge {
     {
         let span = span(rpc, &request);
         async move {
-            let caller = self
-                .auth
-                .authenticate(
-                    rpc.name,
-                    rpc.access,
-                    request.metadata(),
-                    request.peer_certs(),
-                )
-                .map_err(|e| {
-                    tracing::info!(error = %e, "refused at the edge");
-                    Status::from(e)
-                })?;
             let consistency = rpc.consistency.for_request(request.get_ref().stale());
+            let authenticate = |forwardable: bool| {
+                self.auth
+                    .authenticate(
+                        rpc.name,
+                        rpc.access,
+                        request.metadata(),
+                        request.peer_certs(),
+                        forwardable,
+                    )
+                    .map_err(|e| {
+                        tracing::info!(error = %e, "refused at the edge");
+                        Status::from(e)
+                    })
+            };
+            let mut caller = authenticate(consistency != Consistency::Local)?;
             if consistency != Consistency::Local {
                 if let Some(answer) = self.forward_or_local(&request, &caller, forward).await? {
                     return Ok(answer);
+                }
+                if caller.is_deferred() {
+                    // Served here after all (this replica leads now): decide here.
+                    caller = authenticate(false)?;
                 }
                 if consistency == Consistency::Linearizable {
                     self.replica
