@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use dispatcher_client::{Client, ClientConfig};
 use dispatcher_testkit::{wait_for, ProcCluster};
 
 const T: Duration = Duration::from_secs(30);
@@ -45,7 +44,7 @@ async fn a_dead_follower_costs_the_leader_one_warning_not_an_error_per_call() {
     // Linearizable reads through the leader: each one asks every follower to confirm
     // the leadership, the dead one included.
     let addr = c.procs[&leader].addr.clone();
-    let to_leader = Client::new(ClientConfig::new(vec![addr])).expect("client");
+    let to_leader = c.client_for(&[&addr]);
     for _ in 0..20 {
         to_leader
             .list_task_managers(false)

@@ -309,7 +309,11 @@ fn a_replica_refuses_a_non_loopback_plain_text_listener_unless_told_insecure() {
         .arg(dir.path().join("d"))
         .output()
         .expect("run dispatcher");
-    assert_eq!(out.status.code(), Some(1), "refused at start");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "refused as a configuration error"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("--listen")

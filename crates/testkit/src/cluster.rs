@@ -111,6 +111,11 @@ impl ProcCluster {
         Self::start_inner(n, flags, &[], false)
     }
 
+    /// [`Self::start_custom`] in plain text without tokens.
+    pub fn start_plain_custom(n: u64, flags: &[&str], first_only: &[&str]) -> ProcCluster {
+        Self::start_inner(n, flags, first_only, false)
+    }
+
     /// Starts `n` replicas with common flags and flags for replica 1 only.
     pub fn start_custom(n: u64, flags: &[&str], first_only: &[&str]) -> ProcCluster {
         Self::start_inner(n, flags, first_only, true)
@@ -190,10 +195,25 @@ impl ProcCluster {
         )
     }
 
+    /// A client over only these replicas, as [`Self::client`] otherwise.
+    pub fn client_for(&self, endpoints: &[&str]) -> Client {
+        self.client_inner(
+            endpoints.iter().map(|e| e.to_string()).collect(),
+            self.security
+                .as_ref()
+                .map(Security::admin_secret)
+                .as_deref(),
+        )
+    }
+
     /// A client over every replica with this token (`None`: no token), trusting the
     /// cluster's CA when secured.
     pub fn client_with_token(&self, token: Option<&str>) -> Client {
-        let mut cfg = ClientConfig::new(self.endpoints());
+        self.client_inner(self.endpoints(), token)
+    }
+
+    fn client_inner(&self, endpoints: Vec<String>, token: Option<&str>) -> Client {
+        let mut cfg = ClientConfig::new(endpoints);
         cfg.timeout = Duration::from_secs(20);
         cfg.per_try_timeout = Duration::from_secs(2);
         if let Some(sec) = &self.security {

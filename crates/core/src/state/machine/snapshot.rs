@@ -186,13 +186,12 @@ impl DispatcherState {
         let mut restored = DispatcherState::restore(bytes)
             .map_err(|e| Rejection::invalid("state", format!("not a valid backup: {e}")))?;
         // The new cluster's tokens (its bootstrap admin token) survive the restore beside
-        // the backup's own, so that neither the new nor the old admin is locked out; on a
-        // name clash the backup's token wins.
+        // the backup's own, so that neither the new nor the old admin is locked out. On a
+        // name clash (both bootstrap tokens are named `admin`) the new cluster's token
+        // wins: whoever runs the restore holds it.
         for (name, token) in std::mem::take(&mut self.tokens) {
-            let clash = restored.token_hashes.contains_key(&token.hash);
-            if !clash {
-                restored.tokens.entry(name).or_insert(token);
-            }
+            restored.tokens.retain(|_, t| t.hash != token.hash);
+            restored.tokens.insert(name, token);
         }
         restored.rebuild_token_index();
         *self = restored;
