@@ -255,3 +255,16 @@ fn restoring_a_backup_keeps_the_new_clusters_admin_beside_the_backups_tokens() {
         "the new admin still works"
     );
 }
+
+#[test]
+fn a_command_task_never_prints_its_environment_values() {
+    let task = TaskSpec::Command {
+        argv: vec!["run".into()],
+        env: [("API_KEY".to_string(), "hunter2".to_string())].into(),
+    };
+    let printed = format!("{task:?}");
+    assert!(
+        printed.contains("API_KEY") && !printed.contains("hunter2"),
+        "{printed}"
+    );
+}

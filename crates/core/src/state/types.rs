@@ -113,8 +113,9 @@ impl fmt::Display for SlotRef {
     }
 }
 
-/// What a task runs.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What a task runs. Its `Debug` shows environment keys, never values: they are
+/// secrets, and log entries (openraft's debug logs included) print commands.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskSpec {
     /// A child process: `argv[0]` is the program.
     Command {
@@ -135,6 +136,33 @@ pub enum TaskSpec {
         /// The exit code it fails with (non-zero).
         exit_code: i32,
     },
+}
+
+impl fmt::Debug for TaskSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TaskSpec::Command { argv, env } => {
+                let env: BTreeMap<&str, &str> =
+                    env.keys().map(|k| (k.as_str(), "<redacted>")).collect();
+                f.debug_struct("Command")
+                    .field("argv", argv)
+                    .field("env", &env)
+                    .finish()
+            }
+            TaskSpec::Sleep { duration_ms } => f
+                .debug_struct("Sleep")
+                .field("duration_ms", duration_ms)
+                .finish(),
+            TaskSpec::Fail {
+                after_ms,
+                exit_code,
+            } => f
+                .debug_struct("Fail")
+                .field("after_ms", after_ms)
+                .field("exit_code", exit_code)
+                .finish(),
+        }
+    }
 }
 
 /// A vertex of the job graph: an operator with a parallelism.
