@@ -23,12 +23,24 @@ image:
 	deploy/image/build-rootfs.sh target/release target/image/rootfs
 	docker build -t $(IMAGE) -f deploy/Dockerfile target/image/rootfs
 
-## Three replicas and two TaskManagers in Docker (host endpoints 127.0.0.1:7101-7103).
+COMPOSE_CERTS := target/compose/certs
+
+## Three replicas and two TaskManagers in Docker (host endpoints 127.0.0.1:7101-7103),
+## with TLS and tokens: copies the cluster's CA and admin token to target/compose/certs
+## and prints the lines to export.
 compose-up:
 	DISPATCHER_IMAGE=$(IMAGE) $(COMPOSE) -p dispatcher -f deploy/compose.yaml up -d
+	mkdir -p $(COMPOSE_CERTS)
+	umask 077 && for f in ca.crt admin.token; do \
+		DISPATCHER_IMAGE=$(IMAGE) $(COMPOSE) -p dispatcher -f deploy/compose.yaml \
+			exec -T dispatcher-1 cat /certs/$$f > $(COMPOSE_CERTS)/$$f || exit 1; \
+	done
+	@echo "export DISPATCHCTL_ENDPOINTS=127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
+	@echo "export DISPATCHER_CA=$(CURDIR)/$(COMPOSE_CERTS)/ca.crt DISPATCHER_TOKEN_FILE=$(CURDIR)/$(COMPOSE_CERTS)/admin.token"
 
 compose-down:
 	DISPATCHER_IMAGE=$(IMAGE) $(COMPOSE) -p dispatcher -f deploy/compose.yaml down -v --remove-orphans
+	rm -rf $(COMPOSE_CERTS)
 
 ## The compose cluster under docker kill, network disconnect, rolling and full restarts.
 compose-test:

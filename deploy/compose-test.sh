@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The compose cluster tested for real on this machine's Docker engine: bring it up,
+# The compose cluster tested for real on this machine's Docker engine: bring it up (with
+# TLS and tokens, as deploy/compose.yaml provisions them), check that a call without the
+# token or without TLS is refused and that the TaskManagers see only their own token,
 # submit a job from the host, `docker kill` the leader (3 times) and check a new one is
 # elected with no task restarted, disconnect a replica from the network and see it catch
 # up, do a rolling restart, `docker restart` every replica (3 times) and see every job
@@ -17,8 +19,12 @@ fi
 if docker compose version >/dev/null 2>&1; then compose=(docker compose); else compose=(docker-compose); fi
 project="dispatcher-ctest-$$"
 dc=("${compose[@]}" -p "$project" -f deploy/compose.yaml)
-ctl=(target/release/dispatchctl --endpoints 127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103 --timeout 30)
+# The host's dispatchctl gets the cluster's CA and admin token by flag (copied out of the
+# `certs` volume once the cluster is up); variables of the caller's shell must not mix in.
+unset DISPATCHER_CA DISPATCHER_CERT DISPATCHER_KEY DISPATCHER_TOKEN DISPATCHER_TOKEN_FILE DISPATCHCTL_ENDPOINTS
+plain_ctl=(target/release/dispatchctl --endpoints 127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103)
 work=$(mktemp -d)
+ctl=("${plain_ctl[@]}" --timeout 30 --ca "$work/ca.crt" --token-file "$work/admin.token")
 
 cleanup() {
     local rc=$?
@@ -88,9 +94,32 @@ job_running() { set -- $(job_view "$1"); [ "$1" = RUNNING ] && [ "$2" = 1 ]; }
 median() { python3 -c 'import sys, statistics; print(round(statistics.median(float(x) for x in sys.argv[1:])))' "$@"; }
 
 echo "== up"
+# Returns once the one-shot services (certificates, the TaskManagers' token) are done.
 "${dc[@]}" up -d
+(umask 077 && "${dc[@]}" exec -T dispatcher-1 cat /certs/ca.crt >"$work/ca.crt" &&
+    "${dc[@]}" exec -T dispatcher-1 cat /certs/admin.token >"$work/admin.token")
 wait_until 90 "a leader and three converged replicas" converged
 echo "leader: $(leader_id)"
+
+echo "== security on"
+status=0
+"${plain_ctl[@]}" --timeout 5 --ca "$work/ca.crt" job list >/dev/null 2>&1 || status=$?
+[ "$status" = 7 ] || fail "a call without a token exited with $status, not 7 (not allowed)"
+"${plain_ctl[@]}" --timeout 5 --token-file "$work/admin.token" job list >/dev/null 2>&1 &&
+    fail "a plain-text call to the TLS ports succeeded"
+tms_registered() {
+    [ "$("${ctl[@]}" -o json taskmanager list | python3 -c 'import json, sys; print(len(json.load(sys.stdin)))')" = 2 ]
+}
+wait_until 60 "both TaskManagers registered with their token" tms_registered
+tokens=$("${ctl[@]}" -o json token list | python3 -c '
+import json, sys
+print(" ".join(sorted(t["name"] + ":" + t["role"] for t in json.load(sys.stdin))))')
+[ "$tokens" = "admin:admin taskmanagers:taskmanager" ] || fail "tokens: $tokens"
+"${dc[@]}" exec -T tm-1 cat /certs/taskmanager.token >/dev/null ||
+    fail "tm-1 has no /certs/taskmanager.token"
+"${dc[@]}" exec -T tm-1 cat /certs/admin.token >/dev/null 2>&1 &&
+    fail "a TaskManager container can read the admin token"
+echo "no token: refused (7); plain text: refused; TaskManagers registered with their own token (tokens: $tokens)"
 
 echo "== submit from the host"
 job=$("${ctl[@]}" job submit "$work/long.toml")

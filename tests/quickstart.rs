@@ -1,11 +1,14 @@
 //! The README's Quick start, run the way the README tells it: `scripts/cluster.sh` (what
-//! `make cluster` runs) supervises three replicas and two TaskManagers; `dispatchctl`
-//! submits a job; the leader's pid comes from `dispatchctl cluster status`; `kill -9` of
-//! that pid elects a new leader without restarting a task; the script starts the killed
+//! `make cluster` runs) supervises three replicas and two TaskManagers, with TLS and
+//! tokens, and prints the `export DISPATCHER_CA=… DISPATCHER_TOKEN_FILE=…` line;
+//! `dispatchctl` with exactly those variables submits a job (and without them is
+//! refused); the leader's pid comes from `dispatchctl cluster status`; `kill -9` of that
+//! pid elects a new leader without restarting a task; the script starts the killed
 //! replica again and it rejoins; SIGTERM to the script (Ctrl-C) leaves no process behind.
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -80,6 +83,8 @@ struct Supervisor {
     dir: tempfile::TempDir,
     log: PathBuf,
     endpoints: String,
+    /// The variables of the `export` line the script printed, once it has.
+    exports: Vec<(String, String)>,
 }
 
 impl Supervisor {
@@ -99,6 +104,10 @@ impl Supervisor {
             .env("CLUSTER_DATA", dir.path().join("data"))
             .env("CLUSTER_BIN", bin_dir())
             .env_remove("DISPATCHER_LOG")
+            // As a user's shell may have them, from the README: the script must pass its
+            // own TLS files and tokens whatever these say.
+            .env("DISPATCHER_TOKEN", "a-token-of-some-other-cluster")
+            .env("DISPATCHER_CA", "/nonexistent/ca.crt")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -118,7 +127,24 @@ impl Supervisor {
                 .collect::<Vec<_>>()
                 .join(","),
             dir,
+            exports: vec![],
         }
+    }
+
+    fn certs(&self) -> PathBuf {
+        self.data().join("certs")
+    }
+
+    /// The `export A=B C=D` lines the script printed (once the cluster is up), as
+    /// variables.
+    fn printed_exports(&self) -> Vec<(String, String)> {
+        self.log()
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .flat_map(|l| l.split_whitespace())
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn data(&self) -> PathBuf {
@@ -138,9 +164,46 @@ impl Supervisor {
             .join("\n")
     }
 
-    /// Runs `dispatchctl` against this cluster: exit code, stdout, stderr.
+    /// `dispatchctl` against this cluster, in an environment holding only the variables
+    /// the script told the user to export (none of the test's own).
+    fn ctl_command(&self) -> Command {
+        let mut cmd = Command::new(bin("dispatchctl"));
+        for var in [
+            "DISPATCHER_CA",
+            "DISPATCHER_CERT",
+            "DISPATCHER_KEY",
+            "DISPATCHER_TOKEN",
+            "DISPATCHER_TOKEN_FILE",
+            "DISPATCHCTL_ENDPOINTS",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(self.exports.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    /// Runs `dispatchctl` against this cluster with the exported variables: exit code,
+    /// stdout, stderr.
     fn ctl(&self, args: &[&str]) -> (i32, String, String) {
-        dispatcher_testkit::dispatchctl(&self.endpoints, "5", args)
+        self.ctl_without(&[], args)
+    }
+
+    /// Same, without some of the exported variables.
+    fn ctl_without(&self, unset: &[&str], args: &[&str]) -> (i32, String, String) {
+        let mut cmd = self.ctl_command();
+        for var in unset {
+            cmd.env_remove(var);
+        }
+        let out = cmd
+            .args(["--endpoints", &self.endpoints, "--timeout", "5"])
+            .args(args)
+            .output()
+            .expect("run dispatchctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// `cluster status --output json` when it exits 0 (a leader is known).
@@ -271,6 +334,56 @@ async fn submit_running(
 async fn the_readme_failover_demo_under_make_cluster() {
     let mut s = Supervisor::start();
 
+    // The script prints the line to export once the cluster is up: the CA and the admin
+    // token it wrote under the data directory, as the README says.
+    s.exports = wait_for(T, "the script to print the export line", || async {
+        // Exited (a zombie until reaped): it will print nothing more.
+        assert!(
+            group_members(s.pid).contains(&s.pid),
+            "the script stopped before the cluster was up:\n{}",
+            s.supervisor_lines()
+        );
+        let exports = s.printed_exports();
+        exports
+            .iter()
+            .any(|(k, _)| k == "DISPATCHER_TOKEN_FILE")
+            .then_some(exports)
+    })
+    .await;
+    let certs = s.certs();
+    let exported = |name: &str| {
+        s.exports
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| PathBuf::from(v))
+    };
+    assert_eq!(exported("DISPATCHER_CA"), Some(certs.join("ca.crt")));
+    assert_eq!(
+        exported("DISPATCHER_TOKEN_FILE"),
+        Some(certs.join("admin.token"))
+    );
+    assert_eq!(
+        exported("DISPATCHCTL_ENDPOINTS").as_deref(),
+        Some(Path::new(&s.endpoints)),
+        "a cluster on other ports than 7001-7003 also exports its endpoints"
+    );
+    for secret in [
+        "admin.token",
+        "taskmanager.token",
+        "replica-1.key",
+        "ca.key",
+    ] {
+        let mode = std::fs::metadata(certs.join(secret))
+            .unwrap_or_else(|e| panic!("{secret} in {}: {e}", certs.display()))
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "{secret} is readable by its owner only"
+        );
+    }
+
     // `dispatchctl cluster status`: a leader, and every replica's pid, which is a
     // `dispatcher` process the script started.
     let status = wait_for(T, "the cluster to come up with a leader", || async {
@@ -293,6 +406,36 @@ async fn the_readme_failover_demo_under_make_cluster() {
     })
     .await;
 
+    // Security is on: without the token the call is refused (exit 7), without the CA the
+    // TLS port cannot be talked to; the TaskManagers registered with a `taskmanager`
+    // token of their own, not the admin one.
+    let (code, _, err) = s.ctl_without(&["DISPATCHER_TOKEN_FILE"], &["job", "list"]);
+    assert_eq!(code, 7, "a call without a token is refused: {err}");
+    let (code, _, err) = s.ctl_without(&["DISPATCHER_CA"], &["job", "list"]);
+    assert_ne!(code, 0, "a plain-text call to the TLS port fails: {err}");
+    let (code, out, err) = s.ctl(&["-o", "json", "token", "list"]);
+    assert_eq!(code, 0, "token list: {err}");
+    let tokens: Value = serde_json::from_str(&out).expect("token list JSON");
+    let roles: BTreeMap<String, String> = tokens
+        .as_array()
+        .expect("token array")
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap_or("").to_string(),
+                t["role"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        roles,
+        BTreeMap::from([
+            ("admin".to_string(), "admin".to_string()),
+            ("taskmanagers".to_string(), "taskmanager".to_string()),
+        ]),
+        "{out}"
+    );
+
     // A job that runs until cancelled, watched from "another shell".
     let (id, before) = submit_running(&s, "streaming.toml").await;
     assert!(
@@ -301,7 +444,8 @@ async fn the_readme_failover_demo_under_make_cluster() {
     );
     let starts_before = s.task_pids().len();
     let watch_out = s.dir.path().join("watch.out");
-    let mut watch = Command::new(bin("dispatchctl"))
+    let mut watch = s
+        .ctl_command()
         .args(["--endpoints", &s.endpoints, "job", "watch", &id])
         .stdout(File::create(&watch_out).expect("watch output"))
         .stderr(Stdio::null())

@@ -9,7 +9,8 @@ bin_dir=${1:?release binary directory}
 root=${2:?output root}
 
 rm -rf "$root"
-mkdir -p "$root/usr/local/bin" "$root/etc" "$root/data" "$root/tmp" "$root/work"
+mkdir -p "$root/usr/local/bin" "$root/etc" "$root/data" "$root/tmp" "$root/work" \
+    "$root/certs" "$root/tm-certs"
 chmod 1777 "$root/tmp"
 
 for b in dispatcher dispatchctl taskmanager; do
@@ -52,8 +53,9 @@ root:x:0:
 dispatcher:x:10001:
 GROUP
 echo "hosts: files dns" > "$root/etc/nsswitch.conf"
-# The data and work directories must be writable by the non-root user. COPY into a
-# scratch image makes everything root's, so they are world-writable with the sticky bit
-# (named volumes start from these permissions).
-chmod 1777 "$root/data" "$root/work"
+# The data and work directories must be writable by the non-root user, and so must the
+# mount points of the compose cluster's certificate volumes (its one-shot services write
+# them as that user). COPY into a scratch image makes everything root's, so they are
+# world-writable with the sticky bit (named volumes start from these permissions).
+chmod 1777 "$root/data" "$root/work" "$root/certs" "$root/tm-certs"
 echo "rootfs ready in $root ($(du -sh "$root" | cut -f1))"
