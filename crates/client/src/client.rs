@@ -389,7 +389,15 @@ impl Client {
         };
         match outcome {
             Ok(Ok((v, _))) => Ok(v),
-            Ok(Err(TryError::Failed(s))) if !retryable(&s) => Err(ClientError::Rejected(s)),
+            Ok(Err(TryError::Failed(s))) if !retryable(&s) => {
+                // A plain-text HTTP/2 client reading a TLS server's bytes sees a protocol
+                // error, not a dropped connection: say what probably happened.
+                if self.config.tls.is_none() && s.message().contains("h2 protocol error") {
+                    let hinted = format!("{}{PLAIN_TEXT_HINT}", s.message());
+                    return Err(ClientError::Rejected(Status::new(s.code(), hinted)));
+                }
+                Err(ClientError::Rejected(s))
+            }
             // Not reached: with no limit on tries, a retryable failure ends the loop only
             // through the deadline above.
             Ok(Err(TryError::Failed(s))) => Err(unavailable(GaveUp::Deadline, s)),
