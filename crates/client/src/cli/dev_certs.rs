@@ -5,6 +5,10 @@
 //! nothing until every name was checked and no file would be overwritten (unless
 //! `--force`); private keys and the token are created with mode 0600, never readable by
 //! other users at any moment.
+//!
+//! Run again on a directory that holds `ca.crt` and `ca.key` (without `--force`), it
+//! signs with that CA and writes only what is missing: `--replicas 4` then adds
+//! `replica-4` for a replica joining the cluster, trusted by everyone who trusts the CA.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -14,7 +18,7 @@ use std::path::{Path, PathBuf};
 use rand::RngCore;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose as Eku, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    ExtendedKeyUsagePurpose as Eku, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 /// How long the development CA is valid.
@@ -177,7 +181,7 @@ fn san(name: &str) -> Result<SanType, DevCertsError> {
 }
 
 fn leaf(
-    ca: &CertifiedIssuer<'_, KeyPair>,
+    ca: &Issuer<'_, KeyPair>,
     cn: &str,
     names: &[SanType],
     usages: Vec<Eku>,
@@ -202,8 +206,39 @@ pub fn new_secret() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Makes every key, certificate and the token in memory (nothing is written).
+/// Makes every key, certificate and the token in memory, under a new CA (nothing is
+/// written).
 pub fn generate(args: &DevCertsArgs) -> Result<Vec<PemFile>, DevCertsError> {
+    generate_under(args, None)
+}
+
+/// The CA in `dir`, when both its certificate and its key are there.
+fn existing_ca(dir: &Path) -> Result<Option<Issuer<'static, KeyPair>>, DevCertsError> {
+    let (cert, key) = (dir.join(CA_CERT), dir.join("ca.key"));
+    if !cert.exists() || !key.exists() {
+        return Ok(None);
+    }
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| DevCertsError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let unusable = |path: &Path, e: rcgen::Error| DevCertsError::Generate {
+        what: format!("CA from {}", path.display()),
+        reason: e.to_string(),
+    };
+    let signing_key = KeyPair::from_pem(&read(&key)?).map_err(|e| unusable(&key, e))?;
+    Issuer::from_ca_cert_pem(&read(&cert)?, signing_key)
+        .map(Some)
+        .map_err(|e| unusable(&cert, e))
+}
+
+/// As [`generate`], signing with `existing` (and writing no CA files) when given.
+fn generate_under(
+    args: &DevCertsArgs,
+    existing: Option<&Issuer<'_, KeyPair>>,
+) -> Result<Vec<PemFile>, DevCertsError> {
     let extra: Vec<SanType> = args
         .hosts
         .iter()
@@ -220,33 +255,26 @@ pub fn generate(args: &DevCertsArgs) -> Result<Vec<PemFile>, DevCertsError> {
         })
     };
 
-    let ca_key = KeyPair::generate().map_err(generate_err("CA key"))?;
-    let mut ca_params = CertificateParams::default();
-    // A name of its own, so that two development CAs are told apart (in errors too: a
-    // certificate of another one is of an unknown issuer, not a bad signature).
-    let ca_name = format!("dispatcher development CA {}", &new_secret()[..8]);
-    ca_params.distinguished_name = common_name(&ca_name);
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    validity(&mut ca_params, CA_VALID_DAYS);
-    let ca =
-        CertifiedIssuer::self_signed(ca_params, ca_key).map_err(generate_err("development CA"))?;
-    add(
-        CA_CERT.into(),
-        "development CA certificate (--ca, --tls-ca)".into(),
-        ca.pem(),
-        false,
-    );
-    add(
-        "ca.key".into(),
-        "development CA key (keep it to sign more; never deploy it)".into(),
-        ca.key().serialize_pem(),
-        true,
-    );
+    let fresh;
+    let ca: &Issuer<'_, KeyPair> = match existing {
+        Some(issuer) => issuer,
+        None => {
+            fresh = new_ca()?;
+            add(
+                CA_CERT.into(),
+                "development CA certificate (--ca, --tls-ca)".into(),
+                fresh.pem(),
+                false,
+            );
+            add(
+                "ca.key".into(),
+                "development CA key (keep it to sign more; never deploy it)".into(),
+                fresh.key().serialize_pem(),
+                true,
+            );
+            &fresh
+        }
+    };
 
     let localhost = [
         SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
@@ -310,6 +338,24 @@ pub fn generate(args: &DevCertsArgs) -> Result<Vec<PemFile>, DevCertsError> {
     Ok(files)
 }
 
+/// A new development CA.
+fn new_ca() -> Result<CertifiedIssuer<'static, KeyPair>, DevCertsError> {
+    let ca_key = KeyPair::generate().map_err(generate_err("CA key"))?;
+    let mut ca_params = CertificateParams::default();
+    // A name of its own, so that two development CAs are told apart (in errors too: a
+    // certificate of another one is of an unknown issuer, not a bad signature).
+    let ca_name = format!("dispatcher development CA {}", &new_secret()[..8]);
+    ca_params.distinguished_name = common_name(&ca_name);
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    validity(&mut ca_params, CA_VALID_DAYS);
+    CertifiedIssuer::self_signed(ca_params, ca_key).map_err(generate_err("development CA"))
+}
+
 fn write_file(file: &PemFile) -> Result<(), DevCertsError> {
     let err = |source| DevCertsError::Write {
         path: file.path.clone(),
@@ -334,8 +380,28 @@ fn write_file(file: &PemFile) -> Result<(), DevCertsError> {
 /// Generates everything, then writes it into `args.out`; refuses before writing anything
 /// if a file exists and `args.force` is not set.
 pub fn run(args: &DevCertsArgs) -> Result<Written, DevCertsError> {
-    let files = generate(args)?;
-    if !args.force {
+    let existing = if args.force {
+        None
+    } else {
+        existing_ca(&args.out)?
+    };
+    let mut files = generate_under(args, existing.as_ref())?;
+    if existing.is_some() {
+        // Signing with the directory's CA: keep every pair that is there (a key and its
+        // certificate go together), write the rest.
+        let stem = |f: &PemFile| f.path.with_extension("");
+        let present: std::collections::BTreeSet<PathBuf> = files
+            .iter()
+            .filter(|f| f.path.symlink_metadata().is_ok())
+            .map(stem)
+            .collect();
+        let mut all = vec![args.out.join(CA_CERT), args.out.join("ca.key")];
+        all.extend(files.iter().map(|f| f.path.clone()));
+        files.retain(|f| !present.contains(&stem(f)));
+        if files.is_empty() {
+            return Err(DevCertsError::Exists(all));
+        }
+    } else if !args.force {
         let existing: Vec<PathBuf> = files
             .iter()
             .filter(|f| f.path.symlink_metadata().is_ok())

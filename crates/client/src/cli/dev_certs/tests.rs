@@ -208,6 +208,46 @@ fn existing_files_are_kept_unless_forced() {
 }
 
 #[test]
+fn a_second_run_with_more_replicas_signs_only_the_new_one_with_the_same_ca() {
+    let tmp = tempdir();
+    let mut a = args(tmp.path());
+    run(&a).expect("first run");
+    let ca = std::fs::read(tmp.path().join("ca.crt")).expect("ca.crt");
+    let token = std::fs::read(tmp.path().join("admin.token")).expect("admin.token");
+    let next = a.replicas + 1;
+    a.replicas = next;
+    let written = run(&a).expect("a run that adds a replica");
+    let names: Vec<String> = written
+        .files
+        .iter()
+        .map(|f| {
+            f.path
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        vec![format!("replica-{next}.crt"), format!("replica-{next}.key")]
+    );
+    assert_eq!(std::fs::read(tmp.path().join("ca.crt")).expect("ca"), ca);
+    assert_eq!(
+        std::fs::read(tmp.path().join("admin.token")).expect("token"),
+        token,
+        "the admin token the cluster knows is kept"
+    );
+    serves(
+        tmp.path(),
+        tmp.path(),
+        &format!("replica-{next}.crt"),
+        &format!("replica-{next}"),
+    )
+    .expect("the new replica's certificate chains to the existing CA");
+}
+
+#[test]
 fn a_bad_host_is_refused_before_anything_is_written() {
     let tmp = tempdir();
     let dir = tmp.path().join("certs");
