@@ -289,7 +289,7 @@ fn generate_under(
         names.extend(localhost.iter().cloned());
         names.extend(extra.iter().cloned());
         // Replicas dial each other with the same certificate: client and server.
-        let (cert, key) = leaf(&ca, &cn, &names, vec![Eku::ServerAuth, Eku::ClientAuth])?;
+        let (cert, key) = leaf(ca, &cn, &names, vec![Eku::ServerAuth, Eku::ClientAuth])?;
         add(
             format!("{cn}.crt"),
             format!("certificate of replica {id} (--tls-cert)"),
@@ -304,7 +304,7 @@ fn generate_under(
         );
     }
     let (cert, key) = leaf(
-        &ca,
+        ca,
         "taskmanager",
         &[san("taskmanager")?],
         vec![Eku::ClientAuth],
@@ -321,7 +321,7 @@ fn generate_under(
         key,
         true,
     );
-    let (cert, key) = leaf(&ca, "client", &[], vec![Eku::ClientAuth])?;
+    let (cert, key) = leaf(ca, "client", &[], vec![Eku::ClientAuth])?;
     add(
         "client.crt".into(),
         "client certificate (--cert)".into(),
