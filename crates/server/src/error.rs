@@ -3,6 +3,7 @@
 //! `server::status` turns it into a gRPC `Status`.
 
 use crate::raft::error::WriteError;
+use crate::raft::guard::Refusal;
 use dispatcher_core::state::Rejection;
 
 /// Why an RPC failed, in the server's own terms.
@@ -24,11 +25,30 @@ pub enum ApiError {
     /// A fault of this replica, not of the request.
     #[error("{0}")]
     Internal(String),
+    /// The caller is known but may not make this call (a peer message from a replica
+    /// that is not a member, a role without the right).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The caller did not prove who it is (no or a bad credential).
+    #[error("{0}")]
+    Unauthenticated(String),
 }
 
 impl ApiError {
     /// Bad input: the field and the reason.
     pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Self {
         ApiError::Rejected(Rejection::invalid(field, reason.to_string()))
+    }
+}
+
+/// A peer's Raft message refused by the guard: about its sender, PERMISSION_DENIED;
+/// about its content, INVALID_ARGUMENT naming the field.
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> Self {
+        if r.is_about_sender() {
+            ApiError::PermissionDenied(format!("raft message refused: {r}"))
+        } else {
+            ApiError::invalid("raft message", r)
+        }
     }
 }
