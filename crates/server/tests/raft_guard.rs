@@ -356,22 +356,22 @@ fn vote_req(vote: Vote, last: Option<LogId>) -> Vec<u8> {
     codec::encode(&VoteRequest::new(vote, last)).expect("encode")
 }
 
-fn membership() -> Membership<NodeId, Node> {
-    let nodes: BTreeMap<NodeId, Node> = MEMBERS
+/// The cluster's membership as `initialize` wrote it (at log id 0): what a correct
+/// snapshot of this cluster carries.
+fn membership(cluster: &Cluster) -> Membership<NodeId, Node> {
+    let nodes: BTreeMap<NodeId, Node> = cluster
+        .replicas
         .iter()
-        .map(|id| {
-            (
-                *id,
-                Node {
-                    addr: format!("127.0.0.1:{}", 1000 + id),
-                },
-            )
+        .map(|r| {
+            let addr = r.addr.to_string();
+            (r.id, Node { addr })
         })
         .collect();
     Membership::new(vec![MEMBERS.into_iter().collect()], nodes)
 }
 
 fn snapshot_req(
+    members: &Membership<NodeId, Node>,
     vote: Vote,
     last: Option<LogId>,
     id: &str,
@@ -383,7 +383,7 @@ fn snapshot_req(
         vote,
         meta: SnapshotMeta {
             last_log_id: last,
-            last_membership: StoredMembership::new(Some(LogId::default()), membership()),
+            last_membership: StoredMembership::new(Some(LogId::default()), members.clone()),
             snapshot_id: id.into(),
         },
         offset,
@@ -490,7 +490,7 @@ struct Known {
     last: u64,
 }
 
-fn crafted(k: Known, target: NodeId) -> Vec<Case> {
+fn crafted(k: Known, target: NodeId, members: &Membership<NodeId, Node>) -> Vec<Case> {
     use Code::{InvalidArgument as Invalid, PermissionDenied as Denied};
     let Known { leader, term, last } = k;
     // A member other than the target, to impersonate.
@@ -699,25 +699,42 @@ fn crafted(k: Known, target: NodeId) -> Vec<Case> {
         case(
             "InstallSnapshot from non-member 99",
             Kind::Snapshot,
-            snapshot_req(leader_vote(next, 99), prev, "x", 0, vec![1], false),
+            snapshot_req(members, leader_vote(next, 99), prev, "x", 0, vec![1], false),
             Expect::Code(Denied),
         ),
         case(
             "InstallSnapshot, offset 2^64-1",
             Kind::Snapshot,
-            snapshot_req(leader_vote(next, m), prev, "x", u64::MAX, vec![1], false),
+            snapshot_req(
+                members,
+                leader_vote(next, m),
+                prev,
+                "x",
+                u64::MAX,
+                vec![1],
+                false,
+            ),
             Expect::Code(Invalid),
         ),
         case(
             "InstallSnapshot, offset 2^40",
             Kind::Snapshot,
-            snapshot_req(leader_vote(next, m), prev, "x", 1 << 40, vec![], false),
+            snapshot_req(
+                members,
+                leader_vote(next, m),
+                prev,
+                "x",
+                1 << 40,
+                vec![],
+                false,
+            ),
             Expect::Code(Invalid),
         ),
         case(
             "InstallSnapshot, chunk ending past the size bound",
             Kind::Snapshot,
             snapshot_req(
+                members,
                 leader_vote(next, m),
                 prev,
                 "x",
@@ -730,7 +747,15 @@ fn crafted(k: Known, target: NodeId) -> Vec<Case> {
         case(
             "InstallSnapshot, vote of term 2^48+1",
             Kind::Snapshot,
-            snapshot_req(leader_vote(MAX_TERM + 1, m), prev, "x", 0, vec![1], false),
+            snapshot_req(
+                members,
+                leader_vote(MAX_TERM + 1, m),
+                prev,
+                "x",
+                0,
+                vec![1],
+                false,
+            ),
             Expect::Code(Invalid),
         ),
         case("empty payload", Kind::Append, vec![], Expect::Code(Invalid)),
@@ -786,6 +811,7 @@ fn crafted(k: Known, target: NodeId) -> Vec<Case> {
             "InstallSnapshot, first chunk at offset 4096 (openraft's SnapshotMismatch)",
             Kind::Snapshot,
             snapshot_req(
+                members,
                 v,
                 Some(lid(term, leader, last + 5)),
                 "mid-stream",
@@ -799,6 +825,7 @@ fn crafted(k: Known, target: NodeId) -> Vec<Case> {
             "InstallSnapshot, a whole snapshot that does not decode",
             Kind::Snapshot,
             snapshot_req(
+                members,
                 v,
                 Some(lid(term, leader, last + 5)),
                 "garbage",
@@ -816,6 +843,7 @@ fn crafted(k: Known, target: NodeId) -> Vec<Case> {
 
 struct Fuzzer {
     rng: StdRng,
+    members: Membership<NodeId, Node>,
     known: Known,
     /// Every replica's term is at least this; a member's vote below it is stale.
     floor: u64,
@@ -1024,6 +1052,7 @@ impl Fuzzer {
                 }
                 let id = format!("stale-{}", self.rng.gen_range(0..3));
                 snapshot_req(
+                    &self.members.clone(),
                     vote,
                     last_id,
                     &id,
@@ -1063,7 +1092,15 @@ impl Fuzzer {
                 let len = self.rng.gen_range(0..256);
                 let data = (0..len).map(|_| self.rng.gen()).collect();
                 let id = format!("fuzz-{}", self.rng.gen_range(0..4));
-                snapshot_req(vote, last, &id, offset, data, self.rng.gen_bool(0.5))
+                snapshot_req(
+                    &self.members.clone(),
+                    vote,
+                    last,
+                    &id,
+                    offset,
+                    data,
+                    self.rng.gen_bool(0.5),
+                )
             }
         }
     }
@@ -1185,10 +1222,11 @@ async fn crafted_and_random_raft_messages_neither_panic_nor_diverge_replicas() {
     println!("before the attack: {known:?}");
 
     // Crafted messages, to every replica.
+    let members = membership(&cluster);
     let mut wrong = vec![];
     let mut answered = vec![];
     for r in &cluster.replicas {
-        for case in crafted(known, r.id) {
+        for case in crafted(known, r.id, &members) {
             let got = send(r.addr, case.kind, case.payload).await;
             let ok = match (&case.expect, &got) {
                 (Expect::Code(c), Outcome::Refused(g, _)) => c == g,
@@ -1245,6 +1283,7 @@ async fn crafted_and_random_raft_messages_neither_panic_nor_diverge_replicas() {
     let floor = now.iter().map(|s| s.term).min().unwrap_or(0);
     let mut fuzz = Fuzzer {
         rng: StdRng::seed_from_u64(seed),
+        members: membership(&cluster),
         known,
         floor,
     };

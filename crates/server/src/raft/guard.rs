@@ -68,7 +68,8 @@
 //!   unwraps a voter's node when it starts replicating to it (`spawn_replication_stream`)
 //!   and builds quorums from the configs.
 //! - **Snapshots.** The last log id's leader id not above the vote's, the membership's
-//!   log id not above the last log id; the snapshot id at most
+//!   log id not above the last log id, the membership equal to ours when its log id is
+//!   one of our memberships' (`MembershipState::update_committed` asserts it); the snapshot id at most
 //!   [`MAX_SNAPSHOT_ID_BYTES`]; `offset` and `offset + data.len()` at most
 //!   [`MAX_SNAPSHOT_BYTES`], the most the codec will ever decode. openraft's own chunk
 //!   receiver seeks the in-memory `Cursor<Vec<u8>>` to `offset` and writes there, which
@@ -119,7 +120,7 @@ use openraft::raft::{
 };
 use openraft::{EntryPayload, Membership, ServerState};
 
-use super::{LogId, Node, NodeId, Raft, TypeConfig};
+use super::{LogId, Node, NodeId, Raft, StoredMembership, TypeConfig};
 use dispatcher_core::codec::MAX_DECODE_BYTES;
 
 /// A vote as peers send it.
@@ -147,6 +148,8 @@ pub struct View {
     /// Ids of the effective and the committed membership, voters and learners. Empty
     /// while this replica has no membership yet.
     pub members: BTreeSet<NodeId>,
+    /// The effective and the committed membership with their log ids.
+    pub memberships: Vec<StoredMembership>,
     /// This replica's current vote.
     pub vote: Vote,
     /// This replica's committed log id.
@@ -160,13 +163,18 @@ impl View {
     pub async fn read(raft: &Raft, local: NodeId) -> Result<View, openraft::error::Fatal<NodeId>> {
         raft.with_raft_state(move |st| {
             let ms = &st.membership_state;
-            let members = [ms.effective(), ms.committed()]
+            let memberships: Vec<StoredMembership> = [ms.effective(), ms.committed()]
+                .iter()
+                .map(|m| StoredMembership::new(*m.log_id(), m.membership().clone()))
+                .collect();
+            let members = memberships
                 .iter()
                 .flat_map(|m| m.membership().nodes().map(|(id, _)| *id))
                 .collect();
             View {
                 local,
                 members,
+                memberships,
                 vote: *st.vote_ref(),
                 committed: st.committed,
                 leading: st.server_state == ServerState::Leader,
@@ -567,6 +575,18 @@ pub fn check_install_snapshot(
         }
     }
     check_membership("meta.last_membership", meta.last_membership.membership())?;
+    // openraft asserts that one log id means one membership (`MembershipState::
+    // update_committed`).
+    let same_id = view
+        .memberships
+        .iter()
+        .find(|m| m.log_id() == meta.last_membership.log_id());
+    if same_id.is_some_and(|m| m.membership() != meta.last_membership.membership()) {
+        return Err(Refusal::Membership {
+            field: "meta.last_membership".into(),
+            reason: "differs from this replica's membership of the same log id".into(),
+        });
+    }
     if meta.snapshot_id.len() > MAX_SNAPSHOT_ID_BYTES {
         return Err(Refusal::Snapshot(format!(
             "snapshot id of {} bytes; at most {MAX_SNAPSHOT_ID_BYTES}",
@@ -668,7 +688,7 @@ pub fn check_install_snapshot_response(
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
-    use openraft::{CommittedLeaderId, Entry, SnapshotMeta, StoredMembership};
+    use openraft::{CommittedLeaderId, Entry, SnapshotMeta};
 
     use super::*;
 
@@ -689,6 +709,10 @@ mod tests {
         View {
             local: 1,
             members: [1, 2, 3].into(),
+            memberships: vec![StoredMembership::new(
+                Some(lid(1, 1, 0)),
+                members(&[1, 2, 3]),
+            )],
             vote: vote(5, 2, true),
             committed: Some(lid(5, 2, 10)),
             leading: false,
@@ -786,6 +810,7 @@ mod tests {
         // Before it knows any membership a replica accepts any other sender, not itself.
         let fresh = View {
             members: BTreeSet::new(),
+            memberships: vec![],
             committed: None,
             vote: Vote::default(),
             ..view()
@@ -1005,7 +1030,7 @@ mod tests {
             let r = check_append_entries(&v, &req);
             assert_eq!(r.is_ok(), ok, "{m:?}: {r:?}");
             let mut s = snapshot(0, vec![]);
-            s.meta.last_membership = StoredMembership::new(Some(lid(1, 1, 0)), m.clone());
+            s.meta.last_membership = StoredMembership::new(Some(lid(5, 2, 15)), m.clone());
             assert_eq!(check_install_snapshot(&v, &s).is_ok(), ok, "{m:?}");
         }
     }
