@@ -10,36 +10,37 @@
 //! edge what is accepted, as pure functions of a decoded message and this replica's
 //! [`View`]; `inbox` wires them in front of openraft, `network` checks answers.
 //!
-//! Owns: the bounds ([`MAX_TERM`], [`MAX_INDEX`], [`MAX_SNAPSHOT_BYTES`]) and every
-//! structural rule below. Must never: do I/O, touch openraft's state, or know gRPC.
+//! Owns: the bounds ([`MAX_TERM`], [`MAX_INDEX`], [`MAX_SNAPSHOT_BYTES`]) and every rule
+//! below. Must never: change openraft's state, do I/O, or know gRPC. ([`View::read`]
+//! only reads openraft's state.)
 //!
 //! # Requests (`check_*`)
 //!
-//! - **Sender.** The sender is the node id of the message's vote ([`sender`]). It must be a member of this replica's
-//!   membership, effective or committed (voters and learners; during a change a leader
-//!   being removed stays in the committed config until the change commits), must not be
-//!   this replica itself (a forged message naming us as leader makes openraft take the
-//!   Leader path and then the follower path: `debug_assert!(self.leader.is_none())` in
-//!   `following_handler`) and is never 0 (replica ids start at 1). A replica that has no
-//!   membership yet (a learner being added receives AppendEntries before it knows any)
-//!   accepts any other sender. Refusal: [`Refusal::NotMember`], [`Refusal::FromSelf`],
-//!   both PERMISSION_DENIED.
-//! - **Terms below [`MAX_TERM`]** (2^48) in the vote and in every log id. The bound is
+//! - **Sender.** The sender is the node id of the message's vote ([`sender`]). It must
+//!   be a member of this replica's membership, effective or committed (voters and
+//!   learners; during a change a leader being removed stays in the committed config
+//!   until the change commits), must not be this replica itself (a forged message naming
+//!   us as leader makes openraft take the Leader path and then the follower path:
+//!   `debug_assert!(self.leader.is_none())` in `following_handler`), and is never 0
+//!   (replica ids start at 1). A replica that has no membership yet (a learner being
+//!   added receives AppendEntries before it knows any) accepts any other sender.
+//!   Refusal: [`Refusal::NotMember`], [`Refusal::FromSelf`], both PERMISSION_DENIED.
+//! - **Terms at most [`MAX_TERM`]** (2^48) in the vote and in every log id. The bound is
 //!   absolute, not relative to the current term: a member cut off from the others
 //!   campaigns every election timeout for as long as the partition lasts, and its term
 //!   legitimately runs far ahead; a bound relative to our term would lock it out of the
 //!   cluster forever once it healed. 2^48 elections, one every 100 ms, take 890,000
 //!   years, and the bound leaves openraft room for its `term + 1`.
-//! - **Indexes below [`MAX_INDEX`]** (2^56) in `prev_log_id`, every entry's log id,
+//! - **Indexes at most [`MAX_INDEX`]** (2^56) in `prev_log_id`, every entry's log id,
 //!   `leader_commit`, a snapshot's last log id and membership log id, and a vote's
 //!   `last_log_id`: openraft computes `index + 1` (`next_index`) and ranges such as
 //!   `since..upto + 1` on them, which overflow at 2^64. At a million entries a second a
 //!   log takes 2,000 years to reach the bound.
 //! - **Committed flag.** AppendEntries and InstallSnapshot come from an elected leader
 //!   and carry a committed vote; openraft asserts so (`update_accepted`:
-//!   `debug_assert!(vote.is_committed())`). A Vote request carries a candidate's vote,
-//!   never a committed one (a committed vote would make us follow a leader no quorum
-//!   elected).
+//!   `debug_assert!(vote.is_committed())`, the first panic of the 15-byte message in a
+//!   debug build). A Vote request carries a candidate's vote, never a committed one (a
+//!   committed vote would make us follow a leader no quorum elected).
 //! - **Entries.** Consecutive after `prev_log_id` (the first at `prev.index + 1`, each
 //!   one more; `following_handler::append_entries` asserts it), leader ids
 //!   non-decreasing along `prev_log_id` and the entries (`do_append_entries` asserts the
@@ -53,64 +54,73 @@
 //!   leader id is not below `C`'s. openraft assumes every id at or below `C`'s index
 //!   matches (`has_log_id`: `debug_assert!(log_id <= committed)`), never truncates below
 //!   `C`, and commits `min(accepted, leader_commit)`: a `leader_commit` with a higher
-//!   leader id at a lower index would move `committed` backwards (apply range `since >
-//!   end`: an assertion, then indexing an empty batch), a snapshot with a higher leader
-//!   id at or below `C`'s index would leave `committed` above the last log id (the
-//!   `RaftState` validation panics).
-//! - **`leader_commit`** below the vote's leader id, and ordered with the request's own
-//!   chain (`prev_log_id` then the entries) as ids of one log are: equal to the entry at
-//!   its index when the request carries one, not above the first id below it, not below
-//!   the last id above it. Otherwise `min(accepted, leader_commit)` can name an index
-//!   past the local log, and applying it fails the storage read: a fatal error that
-//!   stops Raft on this replica.
+//!   leader id at a lower index would move `committed` backwards (the apply range
+//!   `since <= end` assertion, then indexing an empty batch), and a snapshot with a
+//!   higher leader id at or below `C`'s index would leave `committed` above the last log
+//!   id (the `RaftState` validation panics).
+//! - **`leader_commit`** not above the vote's leader id, and ordered with the request's
+//!   own chain (`prev_log_id` then the entries) as ids of one log are: equal to the
+//!   entry at its index when the request carries one, not of a later leader than the
+//!   first id when before it, not of an earlier leader than the last id when after it.
+//!   Otherwise `min(accepted, leader_commit)` can name an index past the local log, and
+//!   applying it fails the storage read: a fatal error that stops Raft on this replica.
 //! - **Memberships** (membership entries, a snapshot's last membership): one or two
-//!   configs (a joint config has two), none empty, every voter with a node. openraft
-//!   unwraps a voter's node when it starts replicating to it (`spawn_replication_stream`)
-//!   and builds quorums from the configs.
-//! - **Snapshots.** The last log id's leader id not above the vote's, the membership's
-//!   log id not above the last log id, the membership equal to ours when its log id is
-//!   one of our memberships' (`MembershipState::update_committed` asserts it); the snapshot id at most
-//!   [`MAX_SNAPSHOT_ID_BYTES`]; `offset` and `offset + data.len()` at most
-//!   [`MAX_SNAPSHOT_BYTES`], the most the codec will ever decode. openraft's own chunk
-//!   receiver seeks the in-memory `Cursor<Vec<u8>>` to `offset` and writes there, which
-//!   zero-fills up to the offset: an offset of 2^40 allocates a terabyte. We do not use
-//!   it; `inbox` assembles chunks itself (contiguously, within this bound) and checks
-//!   that the assembled data decodes before openraft installs it, because
-//!   `StateMachineStore::install_snapshot` failing to decode is a storage error, which
-//!   is fatal to openraft.
+//!   configs (a joint config has two), none empty, every voter with a node, no node 0.
+//!   openraft unwraps a voter's node when it replicates to it or asks it for a vote
+//!   (`spawn_replication_stream`, `spawn_parallel_vote_requests`, the read barrier: panics
+//!   in release builds too).
+//! - **Snapshots.** The last log id's leader id not above the vote's; the membership's
+//!   log id not above the last log id, and the membership equal to ours when its log id
+//!   is one of our memberships' (`MembershipState::update_committed` asserts it); the
+//!   snapshot id at most [`MAX_SNAPSHOT_ID_BYTES`]; `offset` and `offset + data.len()`
+//!   at most [`MAX_SNAPSHOT_BYTES`], the most the codec will ever decode. openraft's own
+//!   chunk receiver seeks its in-memory `Cursor<Vec<u8>>` to `offset` and writes there,
+//!   which zero-fills up to the offset: an offset of 2^40 allocates a terabyte. We do
+//!   not use it: `inbox` assembles chunks itself (contiguously, within this bound) and
+//!   checks that the assembled state decodes before openraft installs it, because
+//!   `StateMachineStore::install_snapshot` failing to decode is a storage error, fatal
+//!   to openraft.
 //!
 //! # Answers (`check_*_response`)
 //!
 //! A peer we call answers too, and openraft trusts the answer as much:
-//! - votes in answers within [`MAX_TERM`] (a HigherVote of term 2^64-1 deposes the leader
-//!   with the same `term + 1` panic to come), log ids within the bounds;
+//! - votes within [`MAX_TERM`] (a HigherVote of term 2^64-1 deposes the leader, with the
+//!   same `term + 1` panic to come), log ids within the bounds;
 //! - `HigherVote` above the vote we sent (`replication` and the read barrier assert it)
 //!   and not naming this replica (only we can speak for our own leadership);
 //! - `PartialSuccess(m)`: `prev_log_id <= m <= last sent` (asserted in `replication`
-//!   and by `progress::Inflight::ack`; a matching id below the previous one is a
-//!   reverted follower, see `loosen-follower-log-revert` in the workspace manifest);
-//! - `Conflict` only to a request with a `prev_log_id` (`replication` unwraps it:
-//!   a panic even in release builds).
+//!   and by `progress::Inflight::ack`);
+//! - `Conflict` only to a request with a `prev_log_id` (`replication` unwraps it: a
+//!   panic in release builds too).
 //!
 //! A refused answer is a network error to openraft: it retries, as after a broken call.
+//! A follower that answers `Conflict` at or below what it acknowledged before (its log
+//! went backwards) is re-replicated: the workspace enables openraft's
+//! `loosen-follower-log-revert`, which turns those two assertions
+//! (`ProgressEntry::update_conflicting`, `ReplicationCore::validate_matching`) into
+//! warnings.
 //!
 //! # What the guard cannot do
 //!
 //! Raft is not Byzantine fault tolerant. A message that names a member, with a sane
 //! term and a well-formed log consistent with ours, is what that member could send; the
 //! guard cannot tell it from one forged in the member's name. Peer authentication (the
-//! certificate of the member the vote names, checked against [`sender`]) closes that; this module makes every other message harmless.
+//! certificate of the member the vote names, checked against [`sender`]) closes that;
+//! this module makes every other message harmless. Left to a lying member, and debug
+//! assertions only: two uncommitted membership entries in one AppendEntries (a later
+//! truncation of the first trips `MembershipState::truncate`), a `leader_commit` that
+//! differs from our own log between our committed id and `prev_log_id`, and a replica
+//! that wins an election and commits in the microseconds between the guard's read of
+//! the committed id and the hand-over.
 //!
 //! The committed log id is read just before the request is handed over, under a lock
 //! that serialises the requests that change the log (`inbox`). A follower's `committed`
 //! moves only through those requests; a leader's moves on its own, so a leader first
-//! steps down to the request's higher vote and reads again. What remains is a replica
-//! that wins an election and commits within the microseconds between the read and the
-//! hand-over, to a forged message of a higher term: an authenticated member lying, and
-//! a `debug_assert` only.
+//! steps down to the request's higher vote and reads again.
 //!
-//! A replica that missed the addition of the member that now leads refuses that leader
-//! until it learns the new membership from a leader it knows.
+//! A replica that missed the addition of the member that now leads (cut off while it
+//! was added) refuses that leader until it learns the new membership from a leader it
+//! knows.
 
 use std::collections::BTreeSet;
 
