@@ -4,14 +4,17 @@
 //! Owns the ordering that makes the guard's view exact, and the assembly of snapshot
 //! chunks. Must never hand openraft a request the guard refused, and never decide who
 //! the sender is (the server layer authenticates peers and compares their identity
-//! with `guard::sender_of_*`).
+//! with `guard::sender`).
 //!
 //! Requests that change the log (AppendEntries, InstallSnapshot) pass one at a time:
 //! under one lock the inbox reads the view (openraft's committed log id, inside its
 //! core), checks, and hands the request to openraft; it releases the lock once openraft
 //! has the request queued (openraft queues a request on the first poll of its call, and
 //! handles queued requests in order), so the next request's view already includes this
-//! one. A follower's committed log id moves only through these requests. A leader's
+//! one. (True of openraft 0.9: `RaftInner::call_core` sends before it awaits. Were a
+//! later version to await first, a view could lag one request behind: the rules against
+//! the committed log id would be weaker against forged messages, and would still never
+//! refuse a correct one.) A follower's committed log id moves only through these requests. A leader's
 //! moves on its own, so when a request would depose this replica as leader, the inbox
 //! first hands openraft the request's vote alone (an AppendEntries without entries,
 //! prev_log_id or leader_commit, which changes nothing but the vote), and reads the
