@@ -3,21 +3,23 @@
 //! Three replicas run in this process (`server::serve` on port-0 listeners). Every
 //! replica is fed crafted RaftMessages (extreme terms, unknown and forged senders,
 //! truncated, random and oversized payloads, entries past the log end or out of order,
-//! wild snapshot offsets), each refusal code asserted, then a seeded stream of random
-//! mutations (`DISPATCHER_FUZZ_SEED` replays a run, `DISPATCHER_FUZZ_COUNT` sets its
-//! length). Afterwards the cluster must acknowledge a job, every replica must reach the
-//! same applied index and digest, nothing in the process may have panicked, and no
-//! replica may have persisted a vote of a non-member or of an out-of-bounds term; then
-//! the replicas restart from their data and serve again.
+//! wild snapshot offsets, a snapshot that does not decode), each refusal code asserted,
+//! then a seeded stream of random messages (`DISPATCHER_FUZZ_SEED` replays a run,
+//! `DISPATCHER_FUZZ_COUNT` sets its length): fully random ones, a stale member's valid
+//! messages and the current leader's valid messages, each with fields replaced by wild
+//! values and some with damaged bytes. Afterwards the cluster must acknowledge a job,
+//! every replica must reach the same applied index and digest, nothing in the process
+//! may have panicked, and no replica may have persisted a vote of a non-member or of an
+//! out-of-bounds term; then the replicas restart from their data and serve again.
 //!
-//! What the random stream does not send: a well-formed message naming a member at a term
-//! that member could be in. Such a message is what that member could send; without peer
-//! authentication (the certificate check of issue 13 point 2) nothing can tell it from
-//! the member's own, and Raft trusts its members. Every other sender (non-members, 0,
-//! the target itself) is sent at any term, and members at terms out of bounds or below
-//! the cluster's (which openraft refuses by vote after the guard has checked the
-//! content). The crafted cases do impersonate members at live terms, to show that the
-//! guard refuses malformed content whoever sends it.
+//! What the random stream does not send: a well-formed message in a member's name, at a
+//! term that member could be in, that the guard accepts. Such a message is what that
+//! member could send; without peer authentication (the certificate check of issue 13
+//! point 2) nothing can tell it from the member's own, and Raft trusts its members.
+//! Such messages the guard refuses are sent (the refusal is decided by the guard's own
+//! pure check against a view that knows less than the target, so the target refuses
+//! them too, or outvotes them); so is everything from non-members, from node 0 and in
+//! the target's own name, at any term.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -44,7 +46,7 @@ use tonic::Code;
 
 use dispatcher_core::codec;
 use dispatcher_proto::v1 as pb;
-use dispatcher_server::raft::guard::{MAX_SNAPSHOT_BYTES, MAX_TERM};
+use dispatcher_server::raft::guard::{self, View, MAX_SNAPSHOT_BYTES, MAX_TERM};
 use dispatcher_server::raft::log_store::{Identity, LogStore};
 use dispatcher_server::raft::network::MAX_RAFT_MESSAGE;
 use dispatcher_server::raft::{LogId, Node, NodeId, TypeConfig};
@@ -975,12 +977,100 @@ impl Fuzzer {
             1 => Kind::Vote,
             _ => Kind::Snapshot,
         };
-        let payload = if self.rng.gen_bool(0.5) {
-            self.mutated(kind, target)
-        } else {
-            self.wild(kind, target)
+        let payload = match self.rng.gen_range(0..3) {
+            0 => self.mutated(kind, target),
+            1 => self.leaders(kind, target),
+            _ => self.wild(kind, target),
         };
         (kind, self.bytes(payload))
+    }
+
+    /// A message of the current leader (or, to the leader, of a member campaigning for
+    /// the next term), with one to three fields replaced by wild values. Sent only when
+    /// the guard refuses it (see [`Fuzzer::verdict`]).
+    fn leaders(&mut self, kind: Kind, target: NodeId) -> Vec<u8> {
+        let Known { leader, term, last } = self.known;
+        let (lt, ln) = if target == leader {
+            let other = MEMBERS.into_iter().find(|m| *m != target).unwrap_or(leader);
+            (term + 1, other)
+        } else {
+            (term, leader)
+        };
+        let fields: Vec<u32> = (0..self.rng.gen_range(1..4))
+            .map(|_| self.rng.gen_range(0..6))
+            .collect();
+        let hit = |f: u32| fields.contains(&f);
+        match kind {
+            Kind::Append => {
+                let mut vote = Vote::new_committed(lt, ln);
+                let mut prev = Some(lid(term, leader, last));
+                let mut entries = vec![blank(lid(lt, ln, last + 1))];
+                let mut lc = Some(lid(term, leader, last));
+                if hit(0) {
+                    vote = if self.rng.gen_bool(0.5) {
+                        Vote::new(lt, ln)
+                    } else {
+                        self.vote(target, true)
+                    };
+                }
+                if hit(1) {
+                    prev = self.maybe_log_id();
+                }
+                if hit(2) {
+                    entries[0].log_id = self.log_id();
+                }
+                if hit(3) {
+                    lc = self.maybe_log_id();
+                }
+                if hit(4) {
+                    entries.extend(self.entries(prev, &vote));
+                }
+                if hit(5) {
+                    let voters = (0..self.rng.gen_range(0..3)).map(|_| self.node()).collect();
+                    entries[0].payload =
+                        EntryPayload::Membership(Membership::new(vec![voters], ()));
+                }
+                append(vote, prev, entries, lc)
+            }
+            Kind::Vote => {
+                let mut vote = Vote::new(term + 1, ln);
+                let mut last_id = Some(lid(term, leader, last));
+                if hit(0) || hit(1) {
+                    vote = Vote::new_committed(term + 1, ln);
+                }
+                if hit(2) || hit(3) {
+                    last_id = Some(lid(term + 1 + self.rng.gen_range(1..5), ln, last));
+                }
+                if hit(4) || hit(5) {
+                    last_id = self.maybe_log_id();
+                }
+                vote_req(vote, last_id)
+            }
+            Kind::Snapshot => {
+                let mut vote = Vote::new_committed(lt, ln);
+                let mut last_id = Some(lid(lt, ln, last + 5));
+                let mut offset = 0;
+                let mut data = vec![0u8; 16];
+                if hit(0) {
+                    vote = Vote::new(lt, ln);
+                }
+                if hit(1) || hit(5) {
+                    last_id = self.maybe_log_id();
+                }
+                if hit(2) {
+                    offset = match self.rng.gen_range(0..3) {
+                        0 => MAX_SNAPSHOT_BYTES,
+                        1 => u64::MAX,
+                        _ => self.rng.gen(),
+                    };
+                }
+                if hit(3) {
+                    data = vec![0; self.rng.gen_range(0..64)];
+                }
+                let id = format!("leader-{}", self.rng.gen_range(0..3));
+                snapshot_req(&self.members, vote, last_id, &id, offset, data, hit(4))
+            }
+        }
     }
 
     /// A member's stale vote (below every replica's term).
@@ -1151,13 +1241,35 @@ impl Fuzzer {
         p
     }
 
-    /// Whether a payload decodes as a well-formed message of a member, other than the
-    /// target, at a term it could be in (which the stream does not send).
-    fn impersonates(&self, kind: Kind, target: NodeId, payload: &[u8]) -> bool {
-        claimed(kind, payload).is_some_and(|v| {
-            let (term, node) = (v.leader_id.term, v.leader_id.node_id);
-            MEMBERS.contains(&node) && node != target && term >= self.floor && term <= MAX_TERM
-        })
+    /// For a payload that decodes as a message of a member other than the target, at a
+    /// term that member could be in: whether the guard refuses it in a view that knows
+    /// the members but nothing of the target's log (no committed log id, the lowest
+    /// vote). Every rule the guard then applies it applies on the target too, which knows
+    /// more (or outvotes the message, and openraft touches nothing); so a message this
+    /// refuses cannot change the target's log. `None` for every other payload.
+    fn verdict(&self, kind: Kind, target: NodeId, payload: &[u8]) -> Option<bool> {
+        let vote = claimed(kind, payload)?;
+        let (term, node) = (vote.leader_id.term, vote.leader_id.node_id);
+        if !(MEMBERS.contains(&node) && node != target && term >= self.floor && term <= MAX_TERM) {
+            return None;
+        }
+        let view = View {
+            local: target,
+            members: MEMBERS.into_iter().collect(),
+            memberships: vec![],
+            vote: Vote::default(),
+            committed: None,
+            leading: false,
+        };
+        let refused = match kind {
+            Kind::Append => codec::decode::<AppendEntriesRequest<TypeConfig>>(payload)
+                .map(|r| guard::check_append_entries(&view, &r).is_err()),
+            Kind::Vote => codec::decode::<VoteRequest<NodeId>>(payload)
+                .map(|r| guard::check_vote(&view, &r).is_err()),
+            Kind::Snapshot => codec::decode::<InstallSnapshotRequest<TypeConfig>>(payload)
+                .map(|r| guard::check_install_snapshot(&view, &r).is_err()),
+        };
+        Some(refused.unwrap_or(true))
     }
 }
 
@@ -1292,9 +1404,15 @@ async fn crafted_and_random_raft_messages_neither_panic_nor_diverge_replicas() {
         "an oversized message: {got:?}"
     );
 
-    // The random stream.
-    let now = all_status(&cluster).await.expect("every replica answers");
+    // The random stream, against the cluster as it is after the deposition.
+    wait_leader(&cluster).await;
+    let now = converged(&cluster).await;
     let floor = now.iter().map(|s| s.term).min().unwrap_or(0);
+    let known = Known {
+        leader: now[0].leader_id,
+        term: now.iter().map(|s| s.term).max().unwrap_or(0),
+        last: now[0].last_log_index,
+    };
     let mut fuzz = Fuzzer {
         rng: StdRng::seed_from_u64(seed),
         members: membership(&cluster),
@@ -1306,16 +1424,19 @@ async fn crafted_and_random_raft_messages_neither_panic_nor_diverge_replicas() {
     while sent < total {
         let target = MEMBERS[fuzz.rng.gen_range(0..3)];
         let (kind, payload) = fuzz.message(target);
-        if fuzz.impersonates(kind, target, &payload) {
-            continue;
-        }
+        let live = match fuzz.verdict(kind, target, &payload) {
+            // What the member could send: not sent (see the module doc).
+            Some(false) => continue,
+            Some(true) => "in a member's name at a live term: ",
+            None => "",
+        };
         sent += 1;
         let got = send(cluster.addr(target), kind, payload).await;
         let key = match &got {
-            Outcome::RaftOk => "openraft answered".to_string(),
-            Outcome::RaftErr(_) => "openraft returned an error".to_string(),
+            Outcome::RaftOk => format!("{live}openraft answered"),
+            Outcome::RaftErr(_) => format!("{live}openraft returned an error"),
             Outcome::Refused(c @ (Code::InvalidArgument | Code::PermissionDenied), _) => {
-                format!("refused {c:?}")
+                format!("{live}refused {c:?}")
             }
             Outcome::Refused(c, m) => {
                 panic!("message {sent} ({kind:?} to {target}, seed {seed}): unexpected {c:?}: {m}")

@@ -36,6 +36,12 @@
 //!   `last_log_id`: openraft computes `index + 1` (`next_index`) and ranges such as
 //!   `since..upto + 1` on them, which overflow at 2^64. At a million entries a second a
 //!   log takes 2,000 years to reach the bound.
+//! - **Stale votes.** A message whose vote is below this replica's is answered by
+//!   openraft with its own vote, and nothing else is touched; its log content is only
+//!   bounds-checked. (A deposed leader's replication keeps sending for a moment, and
+//!   reads its successor's entries from the log they now share: entries of a leader
+//!   above the message's own vote, in correct operation.) Every rule below about log
+//!   content applies to messages whose vote is at least this replica's.
 //! - **Committed flag.** AppendEntries and InstallSnapshot come from an elected leader
 //!   and carry a committed vote; openraft asserts so (`update_accepted`:
 //!   `debug_assert!(vote.is_committed())`, the first panic of the 15-byte message in a
@@ -191,6 +197,15 @@ impl View {
             }
         })
         .await
+    }
+
+    /// Whether openraft refuses `vote` as below this replica's own: it then answers with
+    /// its vote and touches nothing else, so the message's log content does not matter.
+    pub fn outvotes(&self, vote: &Vote) -> bool {
+        !matches!(
+            vote.partial_cmp(&self.vote),
+            Some(std::cmp::Ordering::Greater | std::cmp::Ordering::Equal)
+        )
     }
 
     /// Whether this replica knows any membership yet.
@@ -473,6 +488,30 @@ pub fn check_append_entries(
 ) -> Result<(), Refusal> {
     check_sender_vote(view, &req.vote, true)?;
     let vote = &req.vote;
+    if view.outvotes(vote) {
+        // A deposed leader's replication may still be sending, and reads its successor's
+        // entries from the log they share now: openraft answers it with the higher vote
+        // and touches nothing, so only the bounds apply.
+        let ids = req
+            .prev_log_id
+            .iter()
+            .map(|p| ("prev_log_id".to_string(), p))
+            .chain(
+                req.entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (format!("entries[{i}].log_id"), &e.log_id)),
+            )
+            .chain(
+                req.leader_commit
+                    .iter()
+                    .map(|c| ("leader_commit".to_string(), c)),
+            );
+        for (field, id) in ids {
+            check_log_id(&field, id)?;
+        }
+        return Ok(());
+    }
 
     // The chain the message carries: prev_log_id, then the entries.
     let mut previous: Option<LogId> = None;
@@ -573,6 +612,35 @@ pub fn check_install_snapshot(
     check_sender_vote(view, &req.vote, true)?;
     let vote = &req.vote;
     let meta = &req.meta;
+    if meta.snapshot_id.len() > MAX_SNAPSHOT_ID_BYTES {
+        return Err(Refusal::Snapshot(format!(
+            "snapshot id of {} bytes; at most {MAX_SNAPSHOT_ID_BYTES}",
+            meta.snapshot_id.len()
+        )));
+    }
+    let end = req.offset.checked_add(req.data.len() as u64);
+    if end.is_none_or(|end| end > MAX_SNAPSHOT_BYTES) {
+        return Err(Refusal::Snapshot(format!(
+            "chunk at offset {} of {} bytes ends past the {MAX_SNAPSHOT_BYTES}-byte bound",
+            req.offset,
+            req.data.len()
+        )));
+    }
+    if view.outvotes(vote) {
+        // Answered with our vote and not kept (`inbox`): only the bounds apply.
+        for (field, id) in [
+            ("meta.last_log_id", meta.last_log_id.as_ref()),
+            (
+                "meta.last_membership.log_id",
+                meta.last_membership.log_id().as_ref(),
+            ),
+        ] {
+            if let Some(id) = id {
+                check_log_id(field, id)?;
+            }
+        }
+        return Ok(());
+    }
     if let Some(last) = &meta.last_log_id {
         check_carried_id("meta.last_log_id", last, vote, view)?;
     }
@@ -597,21 +665,7 @@ pub fn check_install_snapshot(
             reason: "differs from this replica's membership of the same log id".into(),
         });
     }
-    if meta.snapshot_id.len() > MAX_SNAPSHOT_ID_BYTES {
-        return Err(Refusal::Snapshot(format!(
-            "snapshot id of {} bytes; at most {MAX_SNAPSHOT_ID_BYTES}",
-            meta.snapshot_id.len()
-        )));
-    }
-    let end = req.offset.checked_add(req.data.len() as u64);
-    match end {
-        Some(end) if end <= MAX_SNAPSHOT_BYTES => Ok(()),
-        _ => Err(Refusal::Snapshot(format!(
-            "chunk at offset {} of {} bytes ends past the {MAX_SNAPSHOT_BYTES}-byte bound",
-            req.offset,
-            req.data.len()
-        ))),
-    }
+    Ok(())
 }
 
 /// Checks a peer's answer to our AppendEntries.
@@ -858,6 +912,34 @@ mod tests {
         ));
         let vr = VoteRequest::new(vote(6, 3, false), Some(lid(5, 2, MAX_INDEX + 1)));
         assert!(matches!(check_vote(&v, &vr), Err(Refusal::Index { .. })));
+    }
+
+    /// A deposed leader's stream, still sending its successor's entries: openraft
+    /// answers it with the higher vote, so only the bounds are checked.
+    #[test]
+    fn a_stale_leaders_message_is_only_bounds_checked() {
+        let v = view();
+        let stale = append(
+            vote(4, 3, true),
+            Some(lid(5, 2, 12)),
+            &[lid(5, 2, 13)],
+            Some(lid(5, 2, 13)),
+        );
+        assert_eq!(check_append_entries(&v, &stale), Ok(()));
+        let far = append(vote(4, 3, true), Some(lid(5, 2, u64::MAX)), &[], None);
+        assert!(matches!(
+            check_append_entries(&v, &far),
+            Err(Refusal::Index { .. })
+        ));
+        let mut s = snapshot(0, vec![]);
+        s.vote = vote(4, 3, true);
+        s.meta.last_log_id = Some(lid(6, 3, 3));
+        assert_eq!(check_install_snapshot(&v, &s), Ok(()));
+        s.offset = u64::MAX;
+        assert!(matches!(
+            check_install_snapshot(&v, &s),
+            Err(Refusal::Snapshot(_))
+        ));
     }
 
     #[test]

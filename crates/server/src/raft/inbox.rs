@@ -1,8 +1,8 @@
 //! The inbox: where peers' AppendEntries, Vote and InstallSnapshot requests enter this
 //! replica's openraft, each checked by the [`guard`](super::guard) first.
 //!
-//! Owns the ordering that makes the guard's view exact, and the assembly of snapshot
-//! chunks. Must never hand openraft a request the guard refused, and never decide who
+//! Owns the ordering that makes the guard's view exact, the assembly of snapshot
+//! chunks, and the log line of refused requests (rate-limited). Must never hand openraft a request the guard refused, and never decide who
 //! the sender is (the server layer authenticates peers and compares their identity
 //! with `guard::sender`).
 //!
@@ -31,6 +31,7 @@
 use std::cmp::Ordering;
 use std::io::Cursor;
 use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use openraft::error::{Fatal, InstallSnapshotError, RaftError, SnapshotMismatch};
 use openraft::raft::{
@@ -61,6 +62,39 @@ pub struct PeerInbox {
     local: NodeId,
     /// Serialises the requests that change the log; holds the snapshot being received.
     gate: Mutex<Option<Receiving>>,
+    refusals: RefusalLog,
+}
+
+/// How often refusals are logged at most: a peer sending garbage must not flood the log.
+pub const REFUSAL_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Logs refused requests: the first at once, then at most one line per
+/// [`REFUSAL_REPORT_INTERVAL`], with the number refused since the previous line.
+#[derive(Default)]
+struct RefusalLog {
+    /// When the last line was logged, and refusals since.
+    state: std::sync::Mutex<(Option<Instant>, u64)>,
+}
+
+impl RefusalLog {
+    fn observe(&self, kind: &'static str, sender: NodeId, refusal: &Refusal) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, count) = &mut *state;
+        *count += 1;
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < REFUSAL_REPORT_INTERVAL) {
+            return;
+        }
+        tracing::warn!(
+            kind,
+            sender,
+            reason = %refusal,
+            refused = *count,
+            "refused a peer's Raft message"
+        );
+        *last = Some(now);
+        *count = 0;
+    }
 }
 
 /// Polls `call` once (which queues the request in openraft), releases `gate`, then waits
@@ -82,7 +116,20 @@ impl PeerInbox {
             raft,
             local,
             gate: Mutex::new(None),
+            refusals: RefusalLog::default(),
         }
+    }
+
+    fn noted<T, E>(
+        &self,
+        kind: &'static str,
+        sender: NodeId,
+        answer: Answer<T, E>,
+    ) -> Answer<T, E> {
+        if let Err(refusal) = &answer {
+            self.refusals.observe(kind, sender, refusal);
+        }
+        answer
     }
 
     async fn view(&self) -> Result<View, Fatal<NodeId>> {
@@ -112,6 +159,15 @@ impl PeerInbox {
         &self,
         req: AppendEntriesRequest<TypeConfig>,
     ) -> Answer<AppendEntriesResponse<NodeId>> {
+        let sender = guard::sender(&req);
+        let answer = self.checked_append_entries(req).await;
+        self.noted("AppendEntries", sender, answer)
+    }
+
+    async fn checked_append_entries(
+        &self,
+        req: AppendEntriesRequest<TypeConfig>,
+    ) -> Answer<AppendEntriesResponse<NodeId>> {
         let gate = self.gate.lock().await;
         let view = match self.view().await {
             Ok(v) => v,
@@ -128,6 +184,12 @@ impl PeerInbox {
 
     /// A Vote request from a peer.
     pub async fn vote(&self, req: VoteRequest<NodeId>) -> Answer<VoteResponse<NodeId>> {
+        let sender = guard::sender(&req);
+        let answer = self.checked_vote(req).await;
+        self.noted("Vote", sender, answer)
+    }
+
+    async fn checked_vote(&self, req: VoteRequest<NodeId>) -> Answer<VoteResponse<NodeId>> {
         let view = match self.view().await {
             Ok(v) => v,
             Err(f) => return Ok(Err(RaftError::Fatal(f))),
@@ -138,6 +200,15 @@ impl PeerInbox {
 
     /// One InstallSnapshot chunk from a peer.
     pub async fn install_snapshot(
+        &self,
+        req: InstallSnapshotRequest<TypeConfig>,
+    ) -> Answer<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        let sender = guard::sender(&req);
+        let answer = self.checked_install_snapshot(req).await;
+        self.noted("InstallSnapshot", sender, answer)
+    }
+
+    async fn checked_install_snapshot(
         &self,
         req: InstallSnapshotRequest<TypeConfig>,
     ) -> Answer<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
