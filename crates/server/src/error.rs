@@ -3,6 +3,7 @@
 //! `server::status` turns it into a gRPC `Status`.
 
 use crate::raft::error::WriteError;
+use crate::raft::guard::Refusal;
 use dispatcher_core::state::Rejection;
 
 /// Why an RPC failed, in the server's own terms.
@@ -24,7 +25,8 @@ pub enum ApiError {
     /// The call carries no token, or one the cluster does not know.
     #[error("{0}")]
     Unauthenticated(String),
-    /// The caller is known but may not make this call.
+    /// The caller is known but may not make this call (a role without the right, a
+    /// peer message from a replica that is not a member or not the sender).
     #[error("{0}")]
     PermissionDenied(String),
     /// A fault of this replica, not of the request.
@@ -36,5 +38,17 @@ impl ApiError {
     /// Bad input: the field and the reason.
     pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Self {
         ApiError::Rejected(Rejection::invalid(field, reason.to_string()))
+    }
+}
+
+/// A peer's Raft message refused by the guard: about its sender, PERMISSION_DENIED;
+/// about its content, INVALID_ARGUMENT naming the field.
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> Self {
+        if r.is_about_sender() {
+            ApiError::PermissionDenied(format!("raft message refused: {r}"))
+        } else {
+            ApiError::invalid("raft message", r)
+        }
     }
 }

@@ -8,6 +8,8 @@
 pub mod barrier;
 pub mod batcher;
 pub mod error;
+pub mod guard;
+pub mod inbox;
 pub mod log_store;
 pub mod network;
 pub mod replica;

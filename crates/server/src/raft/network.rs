@@ -7,6 +7,9 @@
 //! before retrying); an append batch whose encoding exceeds the message limit becomes a
 //! `PayloadTooLarge` hint so openraft sends fewer entries at a time. Snapshots travel
 //! chunk by chunk (openraft's chunked transfer), each chunk one `InstallSnapshot` call.
+//! Every answer passes the guard (`guard::check_*_response`) before openraft sees it: an
+//! answer no correct peer gives (a vote of an absurd term, a matching log id outside
+//! what was sent) is a network error, never handed over.
 //!
 //! This module is where a failing peer is logged. openraft reports every failed call
 //! several times over, some at ERROR, and a leader retries a dead follower every
@@ -33,7 +36,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use super::{Node, NodeId, TypeConfig};
+use super::{guard, Node, NodeId, TypeConfig};
 use dispatcher_core::codec;
 use dispatcher_proto::v1::raft_service_client::RaftServiceClient;
 use dispatcher_proto::v1::RaftMessage;
@@ -525,6 +528,16 @@ impl PeerClient {
         }
     }
 
+    /// An answer the guard refuses is a failed call to openraft (a network error, which
+    /// it retries), never handed to it; the peer is logged as failing.
+    fn vet(&self, checked: Result<(), guard::Refusal>) -> Result<(), NetworkError> {
+        checked.map_err(|refusal| {
+            let why = format!("refused its answer: {refusal}");
+            self.record(Outcome::Failed(Failure::Error), &why);
+            NetworkError::from(AnyError::error(why))
+        })
+    }
+
     fn remote<E: std::error::Error>(&self, e: E) -> RPCError<NodeId, Node, E> {
         RPCError::RemoteError(RemoteError::new_with_node(
             self.target,
@@ -543,7 +556,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let entries = rpc.entries.len();
         let (kind, ttl) = (RpcKind::Append, option.hard_ttl());
         match self.call(kind, &rpc, ttl).await {
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => {
+                self.vet(guard::check_append_entries_response(self.id, &rpc, &resp))
+                    .map_err(RPCError::Network)?;
+                Ok(resp)
+            }
             Ok(Err(remote)) => Err(self.remote(remote)),
             Err(e) => Err(self.rpc_error(e, kind, ttl, entries)),
         }
@@ -559,7 +576,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     > {
         let (kind, ttl) = (RpcKind::Snapshot, option.hard_ttl());
         match self.call(kind, &rpc, ttl).await {
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => {
+                self.vet(guard::check_install_snapshot_response(self.id, &rpc, &resp))
+                    .map_err(RPCError::Network)?;
+                Ok(resp)
+            }
             Ok(Err(remote)) => Err(self.remote(remote)),
             Err(e) => Err(self.rpc_error(e, kind, ttl, 0)),
         }
@@ -572,7 +593,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
         let (kind, ttl) = (RpcKind::Vote, option.hard_ttl());
         match self.call(kind, &rpc, ttl).await {
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => {
+                self.vet(guard::check_vote_response(&resp))
+                    .map_err(RPCError::Network)?;
+                Ok(resp)
+            }
             Ok(Err(remote)) => Err(self.remote(remote)),
             Err(e) => Err(self.rpc_error(e, kind, ttl, 0)),
         }

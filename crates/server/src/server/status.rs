@@ -134,5 +134,32 @@ mod tests {
             Status::from(ApiError::from(internal)).code(),
             Code::Internal
         );
+        assert_eq!(
+            Status::from(ApiError::PermissionDenied("not a member".into())).code(),
+            Code::PermissionDenied
+        );
+        assert_eq!(
+            Status::from(ApiError::Unauthenticated("no token".into())).code(),
+            Code::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn guard_refusals_map_to_permission_denied_or_invalid_argument() {
+        use crate::raft::guard::Refusal;
+        let not_member = Refusal::NotMember {
+            sender: 99,
+            members: [1, 2, 3].into(),
+        };
+        let s = Status::from(ApiError::from(not_member));
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert!(s.message().contains("99"), "{}", s.message());
+        let term = Refusal::Term {
+            field: "vote".into(),
+            term: u64::MAX,
+        };
+        let s = Status::from(ApiError::from(term));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("vote"), "{}", s.message());
     }
 }
