@@ -574,10 +574,11 @@ fn cost_table(rows: &[CostRow]) -> Table {
         "secured / plain",
     ]);
     for r in rows {
-        let digits = if r.figure.starts_with("writes/s") {
-            0
-        } else {
+        // Rates and failover times in whole units, latencies to the hundredth.
+        let digits = if r.figure.starts_with("p5") || r.figure.starts_with("p9") {
             2
+        } else {
+            0
         };
         t.add_row([
             r.figure.clone(),

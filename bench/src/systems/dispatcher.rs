@@ -38,6 +38,10 @@ pub struct Dispatcher {
     pub data_dirs: Vec<PathBuf>,
     /// The `dev-certs` directory (CA, replica certificates, admin token), when secured.
     certs: Option<PathBuf>,
+    /// For [`System::leader`]: one client for the cluster's life, so that its
+    /// connections (and TLS sessions) outlive each question, with tries long enough for
+    /// a handshake on a busy machine (the answer is never on a measured path).
+    status: Client,
 }
 
 impl Dispatcher {
@@ -115,11 +119,15 @@ impl Dispatcher {
             nodes.push(node);
             data_dirs.push(data);
         }
+        let mut cfg = config(certs.as_deref(), &endpoints)?;
+        cfg.per_try_timeout = Duration::from_secs(1);
+        cfg.connect_timeout = Duration::from_secs(1);
         Ok(Dispatcher {
             nodes,
             endpoints,
             data_dirs,
             certs,
+            status: Client::new(cfg).context("dispatcher status client")?,
         })
     }
 
@@ -135,13 +143,7 @@ impl Dispatcher {
     /// Client settings for `endpoints` of this cluster with the library's defaults:
     /// when secured, trusting its CA and sending the admin token.
     pub fn client_config(&self, endpoints: &[String]) -> anyhow::Result<ClientConfig> {
-        let mut cfg = ClientConfig::new(endpoints.to_vec());
-        if let Some(certs) = &self.certs {
-            cfg = cfg
-                .with_tls(TlsConfig::from_ca_file(&certs.join("ca.crt"))?)
-                .with_token(Token::from_file(&certs.join("admin.token"))?);
-        }
-        Ok(cfg)
+        config(self.certs.as_deref(), endpoints)
     }
 
     /// Client settings for simulated TaskManagers: as [`Dispatcher::client_config`] over
@@ -173,6 +175,18 @@ impl Dispatcher {
         cfg.max_backoff = Duration::from_millis(20);
         Client::new(cfg).context("dispatcher client")
     }
+}
+
+/// Client settings for `endpoints`: with `certs` (a `dev-certs` directory), trusting its
+/// CA and sending its admin token.
+fn config(certs: Option<&Path>, endpoints: &[String]) -> anyhow::Result<ClientConfig> {
+    let mut cfg = ClientConfig::new(endpoints.to_vec());
+    if let Some(certs) = certs {
+        cfg = cfg
+            .with_tls(TlsConfig::from_ca_file(&certs.join("ca.crt"))?)
+            .with_token(Token::from_file(&certs.join("admin.token"))?);
+    }
+    Ok(cfg)
 }
 
 /// A job spec of about 2 KiB: one vertex of a command task whose environment carries
@@ -225,12 +239,11 @@ impl System for Dispatcher {
     }
 
     async fn leader(&self) -> anyhow::Result<usize> {
-        let client = self.client()?;
         for (i, e) in self.endpoints.iter().enumerate() {
             if !self.nodes[i].running() {
                 continue;
             }
-            let Ok(status) = client.replica_status(e).await else {
+            let Ok(status) = self.status.replica_status(e).await else {
                 continue;
             };
             let leads = status
