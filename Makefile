@@ -104,7 +104,7 @@ bench-bins:
 	$(CARGO) build --release --bins -p dispatcher-server -p dispatcher-client -p dispatch-bench
 
 ## Benchmarks (docs/benchmarks.md): state-machine apply and placement and durable log
-## appends (criterion), then a real three-replica cluster under dispatch-bench: submit
+## appends (criterion), then a real three-replica cluster (TLS and tokens) under dispatch-bench: submit
 ## at 1/16/64/256 submitters, failover (kill -9 and SIGSTOP of the leader), placement of
 ## 100,000 tasks on 10,000 simulated TaskManagers, and recovery of a large state.
 bench: bench-bins
@@ -122,7 +122,8 @@ bench-1m: bench-bins
 	$(BENCH) place --task-managers 10000 --slots 100 --jobs 10000 --tasks 100
 
 ## The same submit and failover workloads against 3-member etcd 3.4 and ZooKeeper 3.8
-## clusters (installed from Debian's packages if missing), then ours, with ratios.
+## clusters (installed from Debian's packages if missing), then ours with TLS and tokens
+## and in plain text, with ratios and the cost of TLS (etcd and ZooKeeper run without TLS).
 bench-compare: bench-bins
 	scripts/bench-deps.sh
 	$(BENCH) compare --systems etcd,zookeeper,dispatcher --concurrency 1,64 --count 5000 --trials 10

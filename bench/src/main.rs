@@ -5,6 +5,10 @@
 //! directory (recording their pids, killing them at the end and at the next start), so a
 //! run needs no setup beyond `cargo build --release` and, for `compare`,
 //! `scripts/bench-deps.sh`. Figures print as tables, or JSON with `--output json`.
+//!
+//! Our clusters run with TLS and tokens unless `--plain`; `compare` measures the
+//! dispatcher both ways and reports the cost. etcd and ZooKeeper run without TLS or
+//! authentication.
 
 mod place;
 mod procs;
@@ -20,7 +24,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use comfy_table::Table;
 use serde::Serialize;
 
-use systems::dispatcher::Dispatcher;
+use systems::dispatcher::{Dispatcher, Security};
 use systems::System;
 use workload::{Bound, Fault};
 
@@ -37,6 +41,10 @@ struct Cli {
     /// this one).
     #[arg(long, global = true)]
     bin_dir: Option<PathBuf>,
+    /// Our clusters in plain text without tokens (default: TLS for clients, TaskManagers
+    /// and peers, and bearer tokens). `compare` measures both unless this is given.
+    #[arg(long, global = true)]
+    plain: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -90,7 +98,8 @@ enum Cmd {
     Place(place::PlaceArgs),
     /// Restart of a replica holding a large state: time until it serves reads again.
     Recover(recover::RecoverArgs),
-    /// Submit and failover against etcd, ZooKeeper and the dispatcher, with ratios.
+    /// Submit and failover against etcd, ZooKeeper and the dispatcher (with TLS and
+    /// tokens, then without), with ratios and the cost of TLS.
     Compare {
         #[arg(
             long,
@@ -121,6 +130,15 @@ fn bin_dir(cli: &Cli) -> PathBuf {
         .unwrap_or_else(dispatcher_testkit::bin_dir)
 }
 
+/// Our clusters' security for the single-system commands.
+fn security(cli: &Cli) -> Security {
+    if cli.plain {
+        Security::Plain
+    } else {
+        Security::Tls
+    }
+}
+
 /// A fresh work directory for one system, after killing what an earlier run left.
 fn fresh_dir(root: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let dir = root.join(name);
@@ -132,16 +150,18 @@ fn fresh_dir(root: &Path, name: &str) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Starts a 3-member cluster of `kind` and waits until it takes writes.
+/// Starts a 3-member cluster of `kind` and waits until it takes writes; `security`
+/// applies to the dispatcher (the others run as they are).
 async fn start(
     cli: &Cli,
     kind: SystemKind,
+    security: Security,
     etcd_dir: Option<&Path>,
 ) -> anyhow::Result<Box<dyn System>> {
     let sys: Box<dyn System> = match kind {
         SystemKind::Dispatcher => {
             let dir = fresh_dir(&cli.work_dir, "dispatcher")?;
-            Box::new(Dispatcher::start(&dir, &bin_dir(cli), 3, &[])?)
+            Box::new(Dispatcher::start(&dir, &bin_dir(cli), 3, &[], security)?)
         }
         SystemKind::Etcd => {
             let dir = fresh_dir(&cli.work_dir, "etcd")?;
@@ -229,7 +249,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             count,
             seconds,
         } => {
-            let sys = start(cli, *system, None).await?;
+            let sys = start(cli, *system, security(cli), None).await?;
             let bound = Bound {
                 count: *count,
                 time: Duration::from_secs(*seconds),
@@ -249,11 +269,9 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         } => {
             if *system == SystemKind::Dispatcher && *task_managers > 0 {
                 let dir = fresh_dir(&cli.work_dir, "dispatcher")?;
-                let mut sys = Dispatcher::start(&dir, &bin_dir(cli), 3, &[])?;
+                let mut sys = Dispatcher::start(&dir, &bin_dir(cli), 3, &[], security(cli))?;
                 systems::wait_ready(&sys, Duration::from_secs(60)).await?;
-                let mut tms =
-                    place::FailoverTms::with_client(sys.client()?, &sys.endpoints, *task_managers)
-                        .await?;
+                let mut tms = place::FailoverTms::start(&sys, *task_managers).await?;
                 let r = workload::failover(&mut sys, *fault, *trials, *writers, &mut tms, quiet)
                     .await?;
                 let report = tms.finish().await?;
@@ -261,19 +279,19 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 table.add_row(report.row());
                 return print(cli, &(r, report), table);
             }
-            let mut sys = start(cli, *system, None).await?;
+            let mut sys = start(cli, *system, security(cli), None).await?;
             let r =
                 workload::failover(&mut *sys, *fault, *trials, *writers, &mut (), quiet).await?;
             print(cli, &r, failover_table(std::slice::from_ref(&r)))
         }
         Cmd::Place(args) => {
             let dir = fresh_dir(&cli.work_dir, "dispatcher")?;
-            let r = place::run(&dir, &bin_dir(cli), args, quiet).await?;
+            let r = place::run(&dir, &bin_dir(cli), args, security(cli), quiet).await?;
             print(cli, &r, r.table())
         }
         Cmd::Recover(args) => {
             let dir = fresh_dir(&cli.work_dir, "dispatcher")?;
-            let r = recover::run(&dir, &bin_dir(cli), args, quiet).await?;
+            let r = recover::run(&dir, &bin_dir(cli), args, security(cli), quiet).await?;
             print(cli, &r, r.table())
         }
         Cmd::Compare {
@@ -302,7 +320,26 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
 struct Comparison {
     submit: Vec<workload::SubmitResult>,
     failover: Vec<workload::FailoverResult>,
+    /// The dispatcher with TLS and tokens against itself in plain text.
+    tls_cost: Vec<CostRow>,
+    note: &'static str,
 }
+
+/// One figure of the dispatcher measured secured and plain.
+#[derive(Serialize)]
+struct CostRow {
+    figure: String,
+    secured: f64,
+    plain: f64,
+    /// `secured / plain`: below 1 for throughput, above 1 for times, means TLS costs.
+    ratio: f64,
+}
+
+const SECURED: &str = "dispatcher";
+const PLAIN: &str = "dispatcher-plain";
+const NOTE: &str = "dispatcher: TLS (rustls) for clients and peers and bearer tokens; \
+                    dispatcher-plain: the same cluster in plain text without tokens; \
+                    etcd and ZooKeeper run without TLS or authentication.";
 
 #[allow(clippy::too_many_arguments)]
 async fn compare(
@@ -322,11 +359,23 @@ async fn compare(
     let mut out = Comparison {
         submit: vec![],
         failover: vec![],
+        tls_cost: vec![],
+        note: NOTE,
     };
+    let mut runs = Vec::new();
     for kind in kinds {
+        match kind {
+            SystemKind::Dispatcher if !cli.plain => {
+                runs.push((*kind, Security::Tls));
+                runs.push((*kind, Security::Plain));
+            }
+            _ => runs.push((*kind, security(cli))),
+        }
+    }
+    for (kind, security) in runs {
         // One system at a time: the machine's two cores are the bound, so no system
         // runs while another is measured.
-        let mut sys = start(cli, *kind, etcd_dir).await?;
+        let mut sys = start(cli, kind, security, etcd_dir).await?;
         for c in concurrency {
             out.submit
                 .push(workload::submit(&*sys, *c, bound, quiet).await?);
@@ -339,6 +388,7 @@ async fn compare(
         }
         drop(sys);
     }
+    out.tls_cost = tls_cost(&out);
     if cli.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -348,60 +398,193 @@ async fn compare(
         println!("{}", failover_table(&out.failover));
     }
     println!("{}", ratio_table(&out));
+    if !out.tls_cost.is_empty() {
+        println!("{}", cost_table(&out.tls_cost));
+    }
+    println!("{NOTE}");
     Ok(())
 }
 
-/// The dispatcher's figures over each other system's: throughput ratios (higher is
-/// better for us) and failover ratios (their time over ours).
-fn ratio_table(out: &Comparison) -> Table {
-    let mut t = Table::new();
-    t.set_header(["figure", "dispatcher", "vs etcd", "vs zookeeper"]);
-    let ours = |c: usize| {
-        out.submit
-            .iter()
-            .find(|r| r.system == "dispatcher" && r.concurrency == c)
-    };
-    let theirs = |s: &str, c: usize| {
-        out.submit
-            .iter()
-            .find(|r| r.system == s && r.concurrency == c)
-    };
+fn submit_of<'a>(
+    out: &'a Comparison,
+    system: &str,
+    c: usize,
+) -> Option<&'a workload::SubmitResult> {
+    out.submit
+        .iter()
+        .find(|r| r.system == system && r.concurrency == c)
+}
+
+fn failover_of<'a>(
+    out: &'a Comparison,
+    system: &str,
+    fault: Fault,
+) -> Option<&'a workload::FailoverResult> {
+    out.failover
+        .iter()
+        .find(|r| r.system == system && r.fault == fault)
+}
+
+fn levels(out: &Comparison) -> Vec<usize> {
     let mut levels: Vec<usize> = out.submit.iter().map(|r| r.concurrency).collect();
     levels.sort_unstable();
     levels.dedup();
-    for c in levels {
-        let Some(o) = ours(c) else { continue };
-        let ratio = |s: &str| {
-            theirs(s, c)
-                .map(|r| format!("{:.1}x", o.per_second / r.per_second))
-                .unwrap_or_else(|| "-".into())
+    levels
+}
+
+/// The dispatcher's figures over each other system's: throughput ratios (higher is
+/// better for us) and failover ratios (their time over ours), for the secured cluster
+/// and, in parentheses, the plain one.
+fn ratio_table(out: &Comparison) -> Table {
+    let mut t = Table::new();
+    t.set_header(["figure", "ours", "vs etcd", "vs zookeeper"]);
+    // Secured first: the figure a deployment gets.
+    let ours: Vec<&str> = [SECURED, PLAIN]
+        .into_iter()
+        .filter(|s| out.submit.iter().any(|r| r.system == *s))
+        .collect();
+    let label = |s: &str| if s == SECURED { "" } else { "plain " };
+    for c in levels(out) {
+        let mut mine = Vec::new();
+        let mut ratios = [Vec::new(), Vec::new()];
+        for s in &ours {
+            let Some(o) = submit_of(out, s, c) else {
+                continue;
+            };
+            mine.push(format!(
+                "{}{:.0} (p50 {:.2} ms)",
+                label(s),
+                o.per_second,
+                o.latency.p50_ms
+            ));
+            for (i, other) in ["etcd", "zookeeper"].into_iter().enumerate() {
+                if let Some(r) = submit_of(out, other, c) {
+                    ratios[i].push(format!("{}{:.1}x", label(s), o.per_second / r.per_second));
+                }
+            }
+        }
+        if mine.is_empty() {
+            continue;
+        }
+        let cell = |v: &[String]| {
+            if v.is_empty() {
+                "-".into()
+            } else {
+                v.join(", ")
+            }
         };
         t.add_row([
             format!("writes/s, {c} submitters"),
-            format!("{:.0} (p50 {:.2} ms)", o.per_second, o.latency.p50_ms),
-            ratio("etcd"),
-            ratio("zookeeper"),
+            mine.join(", "),
+            cell(&ratios[0]),
+            cell(&ratios[1]),
         ]);
     }
     for fault in [Fault::Kill, Fault::Stop] {
-        let find = |s: &str| {
-            out.failover
-                .iter()
-                .find(|r| r.system == s && r.fault == fault)
-        };
-        let Some(o) = find("dispatcher") else {
+        let mut mine = Vec::new();
+        let mut ratios = [Vec::new(), Vec::new()];
+        for s in &ours {
+            let Some(o) = failover_of(out, s, fault) else {
+                continue;
+            };
+            mine.push(format!("{}{:.0} ms", label(s), o.median_ms));
+            for (i, other) in ["etcd", "zookeeper"].into_iter().enumerate() {
+                if let Some(r) = failover_of(out, other, fault) {
+                    ratios[i].push(format!(
+                        "{}{:.1}x faster",
+                        label(s),
+                        r.median_ms / o.median_ms.max(0.001)
+                    ));
+                }
+            }
+        }
+        if mine.is_empty() {
             continue;
-        };
-        let ratio = |s: &str| {
-            find(s)
-                .map(|r| format!("{:.1}x faster", r.median_ms / o.median_ms.max(0.001)))
-                .unwrap_or_else(|| "-".into())
+        }
+        let cell = |v: &[String]| {
+            if v.is_empty() {
+                "-".into()
+            } else {
+                v.join(", ")
+            }
         };
         t.add_row([
             format!("leader {fault:?} -> next ack (median)").to_lowercase(),
-            format!("{:.0} ms", o.median_ms),
-            ratio("etcd"),
-            ratio("zookeeper"),
+            mine.join(", "),
+            cell(&ratios[0]),
+            cell(&ratios[1]),
+        ]);
+    }
+    t
+}
+
+/// The secured dispatcher's figures against the plain one's, where both were measured.
+fn tls_cost(out: &Comparison) -> Vec<CostRow> {
+    let mut rows = Vec::new();
+    let mut row = |figure: String, secured: f64, plain: f64| {
+        rows.push(CostRow {
+            figure,
+            secured,
+            plain,
+            ratio: secured / plain.max(f64::MIN_POSITIVE),
+        })
+    };
+    for c in levels(out) {
+        let (Some(s), Some(p)) = (submit_of(out, SECURED, c), submit_of(out, PLAIN, c)) else {
+            continue;
+        };
+        row(
+            format!("writes/s, {c} submitters"),
+            s.per_second,
+            p.per_second,
+        );
+        row(
+            format!("p50 ms, {c} submitters"),
+            s.latency.p50_ms,
+            p.latency.p50_ms,
+        );
+        row(
+            format!("p99 ms, {c} submitters"),
+            s.latency.p99_ms,
+            p.latency.p99_ms,
+        );
+    }
+    for fault in [Fault::Kill, Fault::Stop] {
+        let (Some(s), Some(p)) = (
+            failover_of(out, SECURED, fault),
+            failover_of(out, PLAIN, fault),
+        ) else {
+            continue;
+        };
+        row(
+            format!("leader {fault:?} -> next ack, median ms").to_lowercase(),
+            s.median_ms,
+            p.median_ms,
+        );
+    }
+    rows
+}
+
+fn cost_table(rows: &[CostRow]) -> Table {
+    let mut t = Table::new();
+    t.set_header([
+        "cost of TLS and tokens",
+        "TLS + tokens",
+        "plain",
+        "secured / plain",
+    ]);
+    for r in rows {
+        // Rates and failover times in whole units, latencies to the hundredth.
+        let digits = if r.figure.starts_with("p5") || r.figure.starts_with("p9") {
+            2
+        } else {
+            0
+        };
+        t.add_row([
+            r.figure.clone(),
+            format!("{:.*}", digits, r.secured),
+            format!("{:.*}", digits, r.plain),
+            format!("{:.2}x", r.ratio),
         ]);
     }
     t

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::procs::Node;
 use crate::stats::{figures, median, progress};
-use crate::systems::dispatcher::Dispatcher;
+use crate::systems::dispatcher::{Dispatcher, Security};
 use crate::systems::System;
 use crate::workload::TrialObserver;
 
@@ -50,9 +50,10 @@ pub struct Fleet {
 
 impl Fleet {
     /// Registers `n` TaskManagers of `slots` slots each (at most `parallel` registrations
-    /// in flight) and starts their heartbeat loops.
+    /// in flight) and starts their heartbeat loops. `base`: the cluster's endpoints, and
+    /// its CA and a `taskmanager` token when secured.
     pub async fn start(
-        endpoints: &[String],
+        base: ClientConfig,
         n: usize,
         slots: u32,
         parallel: usize,
@@ -63,7 +64,7 @@ impl Fleet {
         // server's per-connection limits, which real fleets never meet). Tries get a
         // generous timeout: a cancelled try resets its stream, and a flood of resets
         // makes the server close the connection.
-        let mut cfg = ClientConfig::new(endpoints.to_vec());
+        let mut cfg = base;
         cfg.timeout = Duration::from_secs(60);
         cfg.per_try_timeout = Duration::from_secs(10);
         let clients = (0..n.div_ceil(200).max(1))
@@ -352,6 +353,7 @@ pub async fn run(
     work: &Path,
     bin_dir: &Path,
     args: &PlaceArgs,
+    security: Security,
     quiet: bool,
 ) -> anyhow::Result<PlaceResult> {
     let lease = args.tm_heartbeat_ms * 6;
@@ -361,12 +363,12 @@ pub async fn run(
         "--tm-lease-ms".into(),
         lease.to_string(),
     ];
-    let mut sys = Dispatcher::start(work, bin_dir, 3, &extra)?;
+    let mut sys = Dispatcher::start(work, bin_dir, 3, &extra, security)?;
     crate::systems::wait_ready(&sys, Duration::from_secs(60)).await?;
     // Submissions of 100-task jobs under this load take longer than the failover
     // client's 250 ms tries; an abandoned try resets its stream, and a flood of resets
     // makes the server close the connection.
-    let mut cfg = ClientConfig::new(sys.endpoints.clone());
+    let mut cfg = sys.client_config(&sys.endpoints)?;
     cfg.timeout = Duration::from_secs(120);
     cfg.per_try_timeout = Duration::from_secs(30);
     let client = Client::new(cfg)?;
@@ -374,9 +376,15 @@ pub async fn run(
     let rss_before = rss_mib(&sys.nodes()[leader]);
 
     let t = Instant::now();
-    let fleet = Fleet::start(&sys.endpoints, args.task_managers, args.slots, 256, quiet)
-        .await
-        .context("registering TaskManagers")?;
+    let fleet = Fleet::start(
+        sys.task_manager_config().await?,
+        args.task_managers,
+        args.slots,
+        256,
+        quiet,
+    )
+    .await
+    .context("registering TaskManagers")?;
     let register_seconds = t.elapsed().as_secs_f64();
 
     let total = args.jobs as u64 * u64::from(args.tasks);
@@ -508,14 +516,11 @@ impl TmReport {
 }
 
 impl FailoverTms {
-    /// Registers `n` simulated TaskManagers of two slots each and runs one job on all
-    /// their slots.
-    pub async fn with_client(
-        client: Client,
-        endpoints: &[String],
-        n: usize,
-    ) -> anyhow::Result<Self> {
-        let fleet = Fleet::start(endpoints, n, 2, 64, true).await?;
+    /// Registers `n` simulated TaskManagers of two slots each on `sys` and runs one job
+    /// on all their slots.
+    pub async fn start(sys: &Dispatcher, n: usize) -> anyhow::Result<Self> {
+        let client = sys.client()?;
+        let fleet = Fleet::start(sys.task_manager_config().await?, n, 2, 64, true).await?;
         let tasks = (n * 2) as u32;
         let job_id = client
             .submit_job(None, job("failover-witness", tasks))

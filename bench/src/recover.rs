@@ -14,7 +14,7 @@ use dispatcher_proto::v1 as pb;
 use serde::Serialize;
 
 use crate::stats::{figures, progress};
-use crate::systems::dispatcher::{job_spec, Dispatcher};
+use crate::systems::dispatcher::{job_spec, Dispatcher, Security};
 use crate::systems::System;
 
 /// Flags of `dispatch-bench recover`.
@@ -108,13 +108,14 @@ pub async fn run(
     work: &Path,
     bin_dir: &Path,
     args: &RecoverArgs,
+    security: Security,
     quiet: bool,
 ) -> anyhow::Result<RecoverResult> {
     let extra = vec![
         "--snapshot-after-logs".to_string(),
         args.snapshot_after_logs.to_string(),
     ];
-    let mut sys = Dispatcher::start(work, bin_dir, 3, &extra)?;
+    let mut sys = Dispatcher::start(work, bin_dir, 3, &extra, security)?;
     crate::systems::wait_ready(&sys, Duration::from_secs(60)).await?;
     let client = sys.client()?;
 
@@ -151,7 +152,7 @@ pub async fn run(
     sys.nodes()[follower].kill9();
     let t = Instant::now();
     sys.nodes()[follower].spawn()?;
-    let only = Client::connect(&[sys.endpoints[follower].as_str()])?;
+    let only = Client::new(sys.client_config(&sys.endpoints[follower..=follower])?)?;
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let caught_up = only

@@ -221,6 +221,19 @@ impl Stream {
     }
 }
 
+/// The leader, asked until one answers or `timeout` passes: a member restored for the
+/// previous trial may still be catching up, or a question may be lost on a busy machine.
+async fn leader_within(sys: &dyn System, timeout: Duration) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match sys.leader().await {
+            Ok(l) => return Ok(l),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// Hooks the failover workload calls around each trial (the dispatcher's simulated
 /// TaskManagers use them to time their re-attachment).
 pub trait TrialObserver: Send {
@@ -251,7 +264,7 @@ pub async fn failover(
             stream
                 .ack_after(stream.now_us(), Duration::from_secs(60))
                 .await?;
-            let leader = sys.leader().await?;
+            let leader = leader_within(&*sys, Duration::from_secs(10)).await?;
             observer.before_fault();
             let fault_at = stream.now_us();
             match fault {

@@ -1,11 +1,23 @@
 //! The cluster under test: `dispatcher` replicas and `taskmanager` agents as real
 //! processes on loopback, each replica with its own data directory, and a proxy on every
 //! directed replica-to-replica link.
+//!
+//! Secured unless asked otherwise, as users deploy it: development certificates
+//! (`dispatchctl dev-certs`) in `<dir>/certs`, TLS for clients and peers, the bootstrap
+//! admin token, and one `taskmanager` token for every TaskManager. The link proxies copy
+//! bytes, so TLS passes through them unchanged; a replica checks its peer's certificate
+//! by the name `replica-<id>`, not by the address it dialled, so a proxy in between is
+//! no impostor.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
+use anyhow::Context;
+use dispatcher_client::cli::dev_certs::{self, DevCertsArgs};
+use dispatcher_client::{Client, ClientConfig, TlsConfig, Token};
+use dispatcher_proto::v1 as pb;
 use dispatcher_testkit::signal::{self, Signal};
 
 use crate::proxy::{LinkMode, Proxy};
@@ -90,16 +102,33 @@ pub struct Cluster {
     pub task_managers: BTreeMap<String, Proc>,
     /// Directed link (from, to) -> its proxy.
     pub links: BTreeMap<(u64, u64), Proxy>,
+    /// The certificates and tokens directory, when secured.
+    pub certs: Option<PathBuf>,
 }
 
 impl Cluster {
-    /// Starts `replicas` replicas (behind link proxies) and `tms` TaskManagers.
+    /// Starts `replicas` replicas (behind link proxies) and `tms` TaskManagers, secured
+    /// unless `plain`.
     pub async fn start(
         dir: &Path,
         replicas: u64,
         tms: usize,
         seed: u64,
+        plain: bool,
     ) -> anyhow::Result<Cluster> {
+        let certs = if plain {
+            None
+        } else {
+            let certs = dir.join("certs");
+            dev_certs::run(&DevCertsArgs {
+                out: certs.clone(),
+                replicas: replicas as u32,
+                hosts: vec![],
+                force: false,
+            })
+            .with_context(|| format!("development certificates in {}", certs.display()))?;
+            Some(certs)
+        };
         let ports = dispatcher_testkit::free_ports(replicas as usize)?;
         let addrs: BTreeMap<u64, String> = (1..=replicas)
             .map(|id| (id, format!("127.0.0.1:{}", ports[(id - 1) as usize])))
@@ -124,6 +153,7 @@ impl Cluster {
             replicas: BTreeMap::new(),
             task_managers: BTreeMap::new(),
             links,
+            certs,
         };
         for id in 1..=replicas {
             let peers = (1..=replicas)
@@ -131,7 +161,7 @@ impl Cluster {
                 .map(|p| format!("{p}=127.0.0.1:{}", c.links[&(id, p)].port))
                 .collect::<Vec<_>>()
                 .join(",");
-            let args = vec![
+            let mut args = vec![
                 "--id".into(),
                 id.to_string(),
                 "--listen".into(),
@@ -143,11 +173,39 @@ impl Cluster {
                 "--peer-addresses".into(),
                 peers,
             ];
+            if let Some(certs) = &c.certs {
+                let file = |name: &str| certs.join(name).display().to_string();
+                // Every replica gets the bootstrap token: whichever leads first creates
+                // it, and it is a no-op once the cluster holds a token.
+                args.extend([
+                    "--tls-cert".into(),
+                    file(&format!("replica-{id}.crt")),
+                    "--tls-key".into(),
+                    file(&format!("replica-{id}.key")),
+                    "--tls-ca".into(),
+                    file("ca.crt"),
+                    "--bootstrap-token-file".into(),
+                    file("admin.token"),
+                ]);
+            }
             let log = dir.join(format!("replica-{id}.log"));
             let p = Proc::start(&bin_dir().join("dispatcher"), args, log)?;
             c.replicas.insert(id, p);
         }
         let endpoints = addrs.values().cloned().collect::<Vec<_>>().join(",");
+        let tm_security = match &c.certs {
+            None => vec![],
+            Some(certs) => {
+                let token = certs.join("taskmanager.token");
+                c.create_task_manager_token(&token).await?;
+                vec![
+                    "--ca".into(),
+                    certs.join("ca.crt").display().to_string(),
+                    "--token-file".into(),
+                    token.display().to_string(),
+                ]
+            }
+        };
         for n in 1..=tms {
             let id = format!("tm-{n}");
             let args = vec![
@@ -161,12 +219,58 @@ impl Cluster {
                 dir.join(format!("tm/{id}")).display().to_string(),
                 "--kill-grace-ms".into(),
                 "500".into(),
-            ];
+            ]
+            .into_iter()
+            .chain(tm_security.iter().cloned())
+            .collect();
             let log = dir.join(format!("{id}.log"));
             let p = Proc::start(&bin_dir().join("taskmanager"), args, log)?;
             c.task_managers.insert(id, p);
         }
         Ok(c)
+    }
+
+    /// Settings for a client of this cluster: its endpoints and, when secured, its CA
+    /// and the admin token.
+    pub fn client_config(&self) -> anyhow::Result<ClientConfig> {
+        let mut cfg = ClientConfig::new(self.endpoints());
+        if let Some(certs) = &self.certs {
+            cfg = cfg
+                .with_tls(TlsConfig::from_ca_file(&certs.join("ca.crt"))?)
+                .with_token(Token::from_file(&certs.join("admin.token"))?);
+        }
+        Ok(cfg)
+    }
+
+    /// Creates the `taskmanager` token every TaskManager uses (bound to every id), as an
+    /// operator would with `dispatchctl token create`, and writes its secret to `file`.
+    /// Waits for the bootstrap admin token, which commits once a leader is elected.
+    async fn create_task_manager_token(&self, file: &Path) -> anyhow::Result<()> {
+        let mut cfg = self.client_config()?;
+        cfg.timeout = Duration::from_secs(10);
+        let admin = Client::new(cfg)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // A fresh name each try: a try whose answer was lost may have created the
+            // token, and its secret is then lost with the answer.
+            let name = format!("taskmanagers-{attempt}");
+            match admin
+                .create_token(&name, pb::TokenRole::TaskManager, vec!["*".into()])
+                .await
+            {
+                Ok(resp) => {
+                    std::fs::write(file, &resp.secret)
+                        .with_context(|| format!("write {}", file.display()))?;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => {
+                    anyhow::bail!("no taskmanager token within 60 s: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
     }
 
     /// kill -9 of a replica.

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use dispatcher_client::{Client, ClientConfig};
+use dispatcher_client::Client;
 use dispatcher_testkit::spec::{self, JobBuilder};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -79,13 +79,17 @@ struct RunArgs {
     /// Output directory (default: a new temporary one, kept).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Plain text without tokens (default: TLS for clients and peers, bearer tokens).
+    #[arg(long)]
+    plain: bool,
 }
 
 impl RunArgs {
     fn repro(&self) -> String {
         format!(
-            "cargo run -p chaos -- run --seed {} --duration {} --nemesis {} --replicas {} --task-managers {} --clients {}",
-            self.seed, self.duration, self.nemesis, self.replicas, self.task_managers, self.clients
+            "cargo run -p chaos -- run --seed {} --duration {} --nemesis {} --replicas {} --task-managers {} --clients {}{}",
+            self.seed, self.duration, self.nemesis, self.replicas, self.task_managers, self.clients,
+            if self.plain { " --plain" } else { "" }
         )
     }
 }
@@ -148,15 +152,27 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
         None => tempfile::Builder::new().prefix("chaos-").tempdir()?.keep(),
     };
     println!(
-        "chaos: seed {} for {} s, nemeses {:?}, output {}",
+        "chaos: seed {} for {} s, nemeses {:?}, {}, output {}",
         args.seed,
         args.duration,
         kinds,
+        if args.plain {
+            "plain text without tokens"
+        } else {
+            "TLS and tokens"
+        },
         out.display()
     );
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let mut c = Cluster::start(&out, args.replicas, args.task_managers, args.seed).await?;
-    let mut cfg = ClientConfig::new(c.endpoints());
+    let mut c = Cluster::start(
+        &out,
+        args.replicas,
+        args.task_managers,
+        args.seed,
+        args.plain,
+    )
+    .await?;
+    let mut cfg = c.client_config()?;
     cfg.timeout = Duration::from_secs(30);
     let client = Client::new(cfg)?;
     wait_converged(&client, Duration::from_secs(60)).await?;
@@ -164,11 +180,12 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
     let started = Instant::now();
     let history: workload::History = Arc::new(Mutex::new(Vec::new()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let base = c.client_config()?;
     let clients: Vec<_> = (0..args.clients)
         .map(|n| {
             tokio::spawn(workload::client(
                 n,
-                c.endpoints(),
+                base.clone(),
                 args.seed,
                 started,
                 history.clone(),
@@ -296,7 +313,7 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
         *counts.entry(format!("{:?}", f.kind)).or_default() += 1;
     }
     let result = serde_json::json!({
-        "seed": args.seed, "duration_s": args.duration, "nemeses": format!("{kinds:?}"),
+        "seed": args.seed, "duration_s": args.duration, "secured": !args.plain, "nemeses": format!("{kinds:?}"),
         "faults": counts, "fault_log": faults, "report": report, "passed": report.passed(),
         "reproduce": args.repro(),
     });

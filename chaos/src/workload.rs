@@ -75,16 +75,16 @@ fn spec(name: &str, rng: &mut StdRng) -> pb::JobSpec {
         .build()
 }
 
-/// Runs one client until `stop`; appends to `history`.
+/// Runs one client until `stop` with the cluster's client settings `cfg` (endpoints, and
+/// its CA and token when secured); appends to `history`.
 pub async fn client(
     n: usize,
-    endpoints: Vec<String>,
+    mut cfg: ClientConfig,
     seed: u64,
     started: Instant,
     history: History,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut cfg = ClientConfig::new(endpoints);
     cfg.timeout = Duration::from_secs(5);
     cfg.per_try_timeout = Duration::from_secs(2);
     let Ok(client) = Client::new(cfg) else { return };
