@@ -67,8 +67,9 @@ async fn healthy(c: &ProcCluster, client: &Client, why: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_wrong_roles_and_forged_peers_are_refused_and_the_cluster_serves_on() {
-    let (c, admin, leader) = ProcCluster::start_elected(3, STARTUP).await;
+    let (mut c, admin, leader) = ProcCluster::start_elected(3, STARTUP).await;
     let follower = c.follower_addr(leader);
+    c.start_tm("tm-1", 2, &[]);
 
     // Plain text to a TLS port: no answer at all.
     let plain = Endpoint::from_shared(format!("http://{follower}"))
@@ -137,6 +138,17 @@ async fn strangers_wrong_roles_and_forged_peers_are_refused_and_the_cluster_serv
     assert_eq!(env_of(&seen_by_reader), "<redacted>");
     let seen_by_admin = admin.get_job(&submitted.job_id, false).await.expect("read");
     assert_eq!(env_of(&seen_by_admin), "hunter2");
+    // Nor through the TaskManagers' list of what they run.
+    let job_id = submitted.job_id.clone();
+    let as_reader = dispatcher_testkit::wait_for(STARTUP, "the job runs on tm-1", || {
+        listed_env(reader.clone(), job_id.clone())
+    })
+    .await;
+    assert_eq!(as_reader, "<redacted>");
+    assert_eq!(
+        listed_env(admin.clone(), job_id.clone()).await.as_deref(),
+        Some("hunter2")
+    );
 
     // A submit token cannot change membership or take a backup.
     let submit = admin
@@ -293,6 +305,22 @@ async fn a_task_manager_token_acts_only_for_its_own_ids_and_registrations() {
         .await
         .expect("the owner leaves");
     healthy(&c, &admin, "after the TaskManager attacks").await;
+}
+
+/// The `API_KEY` env value of `job_id`'s running task as ListTaskManagers shows it to
+/// `client`, once a TaskManager runs it.
+async fn listed_env(client: Client, job_id: String) -> Option<String> {
+    let tms = client.list_task_managers(false).await.ok()?;
+    let task = tms
+        .iter()
+        .flat_map(|tm| tm.running.iter())
+        .find(|a| a.job_id == job_id)?
+        .task
+        .clone()?;
+    match task.kind? {
+        pb::task::Kind::Command(cmd) => cmd.env.get("API_KEY").cloned(),
+        _ => None,
+    }
 }
 
 async fn read_token(admin: &Client) -> String {

@@ -20,12 +20,18 @@ pub fn redact_secrets(status: &mut pb::JobStatus) {
         return;
     };
     for vertex in &mut spec.vertices {
-        if let Some(pb::task::Kind::Command(command)) =
-            vertex.task.as_mut().and_then(|t| t.kind.as_mut())
-        {
-            for value in command.env.values_mut() {
-                *value = REDACTED.to_string();
-            }
+        if let Some(task) = vertex.task.as_mut() {
+            redact_task(task);
+        }
+    }
+}
+
+/// Replaces the environment values of one task (a TaskManager's assignment as listed to
+/// readers) with [`REDACTED`].
+pub fn redact_task(task: &mut pb::Task) {
+    if let Some(pb::task::Kind::Command(command)) = task.kind.as_mut() {
+        for value in command.env.values_mut() {
+            *value = REDACTED.to_string();
         }
     }
 }

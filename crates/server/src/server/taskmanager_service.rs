@@ -23,7 +23,7 @@ edge_service! {
         rpc heartbeat(HeartbeatRequest) -> pb::HeartbeatResponse: Linearizable, TaskManager => heartbeat(caller);
         rpc unregister(UnregisterRequest) -> pb::UnregisterResponse: Leader, TaskManager => unregister(caller);
         rpc list_task_managers(ListTaskManagersRequest) -> pb::ListTaskManagersResponse:
-            Linearizable, Read => list;
+            Linearizable, Read => list(caller);
     }
 }
 
@@ -151,10 +151,23 @@ impl TaskManagerServer {
         Ok(pb::UnregisterResponse {})
     }
 
+    /// Every TaskManager and the attempts it runs; the tasks' env values are redacted
+    /// unless the caller may see secrets.
     async fn list(
         &self,
+        caller: Caller,
         _req: pb::ListTaskManagersRequest,
     ) -> Result<pb::ListTaskManagersResponse, ApiError> {
+        let secrets = caller.sees_secrets();
+        let running = |list: Vec<state::Assignment>| {
+            let mut list = assignments(list);
+            if !secrets {
+                for task in list.iter_mut().filter_map(|a| a.task.as_mut()) {
+                    convert::redact_task(task);
+                }
+            }
+            list
+        };
         let g = self.edge.replica.state.read();
         let task_managers = g
             .state
@@ -167,7 +180,7 @@ impl TaskManagerServer {
                 free_slots: tm.free_slots(),
                 labels: tm.spec.labels.clone(),
                 registered_at_ms: tm.registered_at,
-                running: assignments(g.state.assignments(&tm.spec.id)),
+                running: running(g.state.assignments(&tm.spec.id)),
             })
             .collect();
         Ok(pb::ListTaskManagersResponse { task_managers })
