@@ -156,6 +156,30 @@ async fn strangers_wrong_roles_and_forged_peers_are_refused_and_the_cluster_serv
         .await
         .expect("create a submit token")
         .secret;
+    // Nor guess env values by resubmitting a job: a right and a wrong guess get the same
+    // answer (an admin, who may see the values, is told the spec differs).
+    let guess = |value: &str| {
+        spec::JobBuilder::new("secret-env")
+            .vertex(
+                "v",
+                1,
+                spec::command_with_env(&["sleep", "600"], [("API_KEY", value)]),
+            )
+            .build()
+    };
+    let submitter = c.client_with_token(Some(&submit));
+    for value in ["hunter2", "wrong-guess"] {
+        let again = submitter
+            .submit_job(Some(submitted.job_id.clone()), guess(value))
+            .await
+            .expect("the same answer whatever the guess");
+        assert!(!again.created);
+    }
+    let err = admin
+        .submit_job(Some(submitted.job_id.clone()), guess("wrong-guess"))
+        .await
+        .expect_err("an admin learns the spec differs");
+    assert_eq!(code(&err), Some(Code::AlreadyExists), "{err}");
     let err = ClusterServiceClient::new(tls.clone())
         .remove_node(with_token(pb::RemoveNodeRequest { node_id: 3 }, &submit))
         .await

@@ -122,6 +122,17 @@ impl TaskManagers {
             }
         }
         let g = self.replica.state.read();
+        // Checked again under the one guard the answer is read under: the id may have
+        // expired and been registered by another principal while the reports were
+        // proposed, and its tasks are not this caller's to see.
+        let still_ours = g
+            .state
+            .task_manager(id)
+            .is_some_and(|tm| tm.spec.instance == instance)
+            && g.state.owner_of(id).is_none_or(|owner| owner == principal);
+        if !still_ours {
+            return Ok(HeartbeatAnswer::Unregistered);
+        }
         Ok(HeartbeatAnswer::Registered {
             run: g.state.assignments(id),
             stop: g.state.stopping(id),

@@ -94,6 +94,11 @@ impl Caller {
         self.open || self.token.as_ref().is_some_and(|t| t.role.sees_secrets())
     }
 
+    /// The stored hash of the caller's token, when it presented one that was checked.
+    pub fn token_hash(&self) -> Option<&str> {
+        self.token.as_ref().map(|t| t.hash.as_str())
+    }
+
     /// Whether the caller is an administrator (or tokens are not enforced).
     pub fn is_admin(&self) -> bool {
         self.open

@@ -170,15 +170,26 @@ impl Edge {
                 if let Some(answer) = self.forward_or_local(&request, &caller, forward).await? {
                     return Ok(answer);
                 }
-                if caller.is_deferred() {
-                    // Served here after all (this replica leads now): decide here.
-                    caller = authenticate(false)?;
-                }
-                if consistency == Consistency::Linearizable {
+                // A leader elected a moment ago may not have applied everything committed
+                // before its term (a token's revocation, say): a read barrier brings it up
+                // to date, and the caller is decided on that state. Once the leader has
+                // applied an entry of its own term, its state holds every committed token
+                // change, and writes need no barrier.
+                let stale_leader = {
+                    let metrics = self.replica.raft.metrics();
+                    let m = metrics.borrow();
+                    m.last_applied.map(|l| l.leader_id.term) < Some(m.current_term)
+                };
+                if consistency == Consistency::Linearizable || stale_leader {
                     self.replica
                         .read_barrier()
                         .await
                         .map_err(|e| Status::from(ApiError::from(e)))?;
+                }
+                if caller.is_deferred() || stale_leader || consistency == Consistency::Linearizable
+                {
+                    // Served here: decide on the state the barrier brought up to date.
+                    caller = authenticate(false)?;
                 }
             }
             match local(caller, request.into_inner()).await {

@@ -35,6 +35,17 @@ edge_service! {
     }
 }
 
+/// The spec with every env value blanked (keys kept).
+fn without_env_values(spec: &state::JobSpec) -> state::JobSpec {
+    let mut spec = spec.clone();
+    for vertex in &mut spec.vertices {
+        if let state::TaskSpec::Command { env, .. } = &mut vertex.task {
+            env.values_mut().for_each(String::clear);
+        }
+    }
+    spec
+}
+
 impl JobServer {
     /// A server over `edge`; watches end when `stopping` turns true.
     pub fn new(edge: Edge, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
@@ -62,8 +73,23 @@ impl JobServer {
         // Nothing invalid reaches the log: check before proposing.
         {
             let g = self.edge.replica.state.read();
-            if g.state.job(&job_id).is_none() {
-                state::validate_job_spec(&spec, g.state.config())?;
+            match g.state.job(&job_id) {
+                None => state::validate_job_spec(&spec, g.state.config())?,
+                // A caller who may not see env values must not learn them either: the
+                // answer to a resubmission cannot depend on whether a guessed value is
+                // right, so it is decided on the specs without their env values.
+                Some(existing) if !caller.sees_secrets() => {
+                    if without_env_values(&existing.spec) != without_env_values(&spec) {
+                        return Err(state::Rejection::AlreadyExists { job_id }.into());
+                    }
+                    drop(g);
+                    return Ok(pb::SubmitJobResponse {
+                        job_id: job_id.to_string(),
+                        created: false,
+                        job: Some(self.status_of(&job_id, false)?),
+                    });
+                }
+                Some(_) => {}
             }
         }
         let outcome = self
@@ -157,8 +183,19 @@ impl JobServer {
         let Some((first, applied)) = watch::first(&shared, &id).await else {
             return Err(state::Rejection::UnknownJob { job_id: id }.into());
         };
+        // A watch outlives its first check: each event re-checks that the token is still
+        // there, so a revocation ends the stream at the next change.
+        let token = caller.token_hash().map(str::to_string);
+        let tokens = shared.clone();
         let events = watch::spawn(shared, id.clone(), first, applied, self.stopping.clone());
         let stream = tokio_stream::wrappers::ReceiverStream::new(events).map(move |item| {
+            if let Some(hash) = &token {
+                if tokens.read().state.token_by_hash(hash).is_none() {
+                    return Err(tonic::Status::from(ApiError::Unauthenticated(
+                        "the token of this watch was revoked".into(),
+                    )));
+                }
+            }
             item.map(|mut event| {
                 if let (false, Some(job)) = (secrets, event.job.as_mut()) {
                     convert::redact_secrets(job);
