@@ -507,6 +507,10 @@ impl ProcCluster {
 
 impl Drop for ProcCluster {
     fn drop(&mut self) {
+        // Its ports may be handed to another test next: they no longer mean this cluster.
+        for p in self.procs.values() {
+            crate::unregister_security(&p.addr);
+        }
         let tms: Vec<String> = self.tms.keys().cloned().collect();
         for id in tms {
             self.kill_tm(&id);

@@ -131,6 +131,11 @@ pub(crate) fn register_security(addr: &str, security: cluster::Security) {
     all.push((addr.to_string(), security));
 }
 
+pub(crate) fn unregister_security(addr: &str) {
+    let mut all = SECURITY.lock().unwrap_or_else(|p| p.into_inner());
+    all.retain(|(a, _)| a != addr);
+}
+
 /// The security of the cluster `endpoints` (comma-separated) belong to, if secured.
 pub fn security_of(endpoints: &str) -> Option<cluster::Security> {
     let all = SECURITY.lock().unwrap_or_else(|p| p.into_inner());

@@ -239,13 +239,8 @@ impl Authenticator {
                     "this replica knows no token yet (the bootstrap token is created once a leader is elected by a replica started with --bootstrap-token-file); {rpc} needs role {needs}"
                 )));
             }
-            let why = if state.has_tokens() {
-                "the token is not known to the cluster (never issued, or revoked)"
-            } else {
-                "the cluster has no tokens yet (start a replica with --bootstrap-token-file to create the first admin token)"
-            };
             return Err(ApiError::Unauthenticated(format!(
-                "{why}; {rpc} needs a token with role {needs}"
+                "the token is not known to the cluster (never issued, or revoked); {rpc} needs a token with role {needs}"
             )));
         };
         if !token.role.allows(permission) {
