@@ -45,7 +45,7 @@ fail() { echo "compose-test: $*" >&2; exit 1; }
 # cluster_json -> prints "LEADER CONVERGED" (leader id or 0; 1 when every replica is
 # reachable and at the same applied index and digest).
 cluster_view() {
-    "${ctl[@]}" -o json cluster status 2>/dev/null | python3 -c '
+    "${ctl[@]}" -o json cluster status --digest 2>/dev/null | python3 -c '
 import json, sys
 s = json.load(sys.stdin)
 rs = s["replicas"]

@@ -206,9 +206,9 @@ impl Supervisor {
         )
     }
 
-    /// `cluster status --output json` when it exits 0 (a leader is known).
+    /// `cluster status --digest --output json` when it exits 0 (a leader is known).
     fn status(&self) -> Option<Value> {
-        let (code, out, _) = self.ctl(&["--output", "json", "cluster", "status"]);
+        let (code, out, _) = self.ctl(&["--output", "json", "cluster", "status", "--digest"]);
         (code == 0).then(|| serde_json::from_str(&out).ok())?
     }
 

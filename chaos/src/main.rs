@@ -349,7 +349,7 @@ async fn wait_converged(client: &Client, timeout: Duration) -> anyhow::Result<()
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(Ok(s)) =
-            tokio::time::timeout(Duration::from_secs(2), client.cluster_status()).await
+            tokio::time::timeout(Duration::from_secs(10), client.cluster_status_with(true)).await
         {
             let all = s.replicas.iter().all(|r| r.reachable);
             let views: std::collections::BTreeSet<_> = s

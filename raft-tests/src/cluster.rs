@@ -382,11 +382,10 @@ impl Cluster {
             timeout,
             &format!("all replicas to converge on one digest ({why})"),
             || async {
-                let views: Vec<(Option<u64>, String)> = self
-                    .running()
-                    .iter()
-                    .map(|id| self.replica(*id).state.digest())
-                    .collect();
+                let mut views: Vec<(Option<u64>, String)> = vec![];
+                for id in self.running() {
+                    views.push(self.replica(id).state.digest().await);
+                }
                 let first = views.first()?.clone();
                 views
                     .iter()

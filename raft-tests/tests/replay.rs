@@ -29,14 +29,11 @@ async fn scenario(seed: u64) -> Run {
     let index = c.submit(T).await.1;
     c.wait_applied(index, T, "the killed leader is back").await;
     c.assert_converged(T, "end of the scenario").await;
-    let digests = c
-        .running()
-        .into_iter()
-        .map(|id| {
-            let (applied, digest) = c.replica(id).state.digest();
-            (id, applied, digest)
-        })
-        .collect();
+    let mut digests = vec![];
+    for id in c.running() {
+        let (applied, digest) = c.replica(id).state.digest().await;
+        digests.push((id, applied, digest));
+    }
     c.shutdown().await;
     (c.trace().events(), digests)
 }

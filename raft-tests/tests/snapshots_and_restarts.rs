@@ -67,7 +67,7 @@ fn a_restarted_replica_rejoins_with_the_same_state() {
             .into_iter()
             .find(|id| *id != leader)
             .expect("follower");
-        let (_, digest) = c.replica(follower).state.digest();
+        let (_, digest) = c.replica(follower).state.digest().await;
         c.stop(follower).await;
         c.restart(follower).await;
         // Right after restart, the replica has its snapshot plus the replayed log.
@@ -75,7 +75,7 @@ fn a_restarted_replica_rejoins_with_the_same_state() {
             T,
             "the restarted replica to re-apply its own log",
             || async {
-                let (applied, d) = c.replica(follower).state.digest();
+                let (applied, d) = c.replica(follower).state.digest().await;
                 (applied == Some(index) && d == digest).then_some(())
             },
         )

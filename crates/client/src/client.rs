@@ -652,20 +652,47 @@ impl Client {
         .await
     }
 
-    /// Every replica's view, as one replica gathers it.
+    /// Every replica's view, as one replica gathers it, without state digests (cheap).
     pub async fn cluster_status(&self) -> Result<pb::StatusResponse, ClientError> {
+        self.cluster_status_with(false).await
+    }
+
+    /// Every replica's view; with `digest`, each replica also hashes its whole state
+    /// (O(state): for convergence checks, not for polling).
+    pub async fn cluster_status_with(
+        &self,
+        digest: bool,
+    ) -> Result<pb::StatusResponse, ClientError> {
         self.call_unary(|ch, t| {
-            let req = request(pb::StatusRequest { local_only: false }, t);
+            let req = request(
+                pb::StatusRequest {
+                    local_only: false,
+                    with_digest: digest,
+                },
+                t,
+            );
             async move { ClusterServiceClient::new(ch).status(req).await }
         })
         .await
     }
 
-    /// The status of one endpoint only (no retry elsewhere).
+    /// The status of one endpoint only (no retry elsewhere), without its digest.
     pub async fn replica_status(&self, endpoint: &str) -> Result<pb::StatusResponse, ClientError> {
+        self.replica_status_with(endpoint, false).await
+    }
+
+    /// The status of one endpoint only; with `digest`, its state digest too.
+    pub async fn replica_status_with(
+        &self,
+        endpoint: &str,
+        digest: bool,
+    ) -> Result<pb::StatusResponse, ClientError> {
         let ch = self.connection(endpoint)?;
         let req = request(
-            pb::StatusRequest { local_only: true },
+            pb::StatusRequest {
+                local_only: true,
+                with_digest: digest,
+            },
             self.config.per_try_timeout,
         );
         ClusterServiceClient::new(ch)

@@ -55,6 +55,15 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     Ok(out)
 }
 
+/// The length of [`encode`]'s output for a value, without building it (for byte
+/// budgets, such as how many log entries fit in one AppendEntries).
+pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<usize, CodecError> {
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(value, &mut size, config())
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    Ok(1 + size.bytes_written)
+}
+
 /// Decodes a value written by [`encode`], checking the version byte and that every byte
 /// was consumed.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
@@ -90,6 +99,15 @@ mod tests {
         assert_eq!(bytes[0], FORMAT_VERSION);
         let back: (u64, String, Vec<u8>) = decode(&bytes).expect("decode");
         assert_eq!(back, v);
+    }
+
+    #[test]
+    fn encoded_len_is_the_length_of_the_encoding() {
+        let v = (7u64, "seven".repeat(100), vec![9u8; 1000]);
+        assert_eq!(
+            encoded_len(&v).expect("len"),
+            encode(&v).expect("encode").len()
+        );
     }
 
     #[test]

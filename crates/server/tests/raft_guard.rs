@@ -257,7 +257,10 @@ async fn status(addr: SocketAddr) -> Option<pb::ReplicaStatus> {
     let call = async {
         let mut client = ClusterServiceClient::connect(url(addr)).await.ok()?;
         let resp = client
-            .status(pb::StatusRequest { local_only: true })
+            .status(pb::StatusRequest {
+                local_only: true,
+                with_digest: true,
+            })
             .await
             .ok()?
             .into_inner();

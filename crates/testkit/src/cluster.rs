@@ -298,11 +298,21 @@ impl ProcCluster {
         status
     }
 
-    /// The local status of each running replica that answers.
+    /// The local status of each running replica that answers (without digests).
     pub async fn statuses(&self, client: &Client) -> BTreeMap<u64, pb::ReplicaStatus> {
+        self.statuses_with(client, false).await
+    }
+
+    /// The local status of each running replica that answers; with `digest`, each
+    /// with its state digest.
+    pub async fn statuses_with(
+        &self,
+        client: &Client,
+        digest: bool,
+    ) -> BTreeMap<u64, pb::ReplicaStatus> {
         let mut out = BTreeMap::new();
         for p in self.procs.values().filter(|p| p.child.is_some()) {
-            if let Ok(resp) = client.replica_status(&p.addr).await {
+            if let Ok(resp) = client.replica_status_with(&p.addr, digest).await {
                 if let Some(r) = resp.replicas.into_iter().find(|r| r.id == p.id) {
                     out.insert(p.id, r);
                 }
@@ -334,7 +344,7 @@ impl ProcCluster {
             timeout,
             &format!("replicas to converge ({why})"),
             || async {
-                let s = self.statuses(client).await;
+                let s = self.statuses_with(client, true).await;
                 let running = self.procs.values().filter(|p| p.child.is_some()).count();
                 if s.len() < running {
                     return None;

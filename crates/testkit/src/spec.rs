@@ -149,6 +149,24 @@ pub fn sleep_job(name: &str, parallelism: u32) -> pb::JobSpec {
         .build()
 }
 
+/// A job whose spec is about `bytes` long (at least one vertex of 800 kB), within the
+/// default limits: vertices that sleep, with long argument lists that are never run.
+/// For tests of big log entries.
+pub fn big_job(name: &str, bytes: usize) -> pb::JobSpec {
+    const ARG: usize = 4000;
+    const ARGS_PER_VERTEX: usize = 200;
+    let vertices = bytes.div_ceil(ARG * ARGS_PER_VERTEX).max(1);
+    let arg = "x".repeat(ARG);
+    let mut job = JobBuilder::new(name);
+    for v in 0..vertices {
+        let argv: Vec<&str> = std::iter::once("/bin/true")
+            .chain(std::iter::repeat_n(arg.as_str(), ARGS_PER_VERTEX - 1))
+            .collect();
+        job = job.vertex(&format!("v{v}"), 1, command(&argv));
+    }
+    job.build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -185,7 +185,13 @@ pub enum JobCmd {
 pub enum ClusterCmd {
     /// Every replica: id, address, process id, role, term, last log index, applied
     /// index, lag. Exits with 5 when no replica is leader (an election may be running).
-    Status,
+    Status {
+        /// Also each replica's state digest (replicas at the same applied index have the
+        /// same digest). Hashes the whole state on every replica: for checks, not for
+        /// polling.
+        #[arg(long)]
+        digest: bool,
+    },
     /// Adds a replica (started with an empty data directory) and makes it a voter.
     AddNode {
         /// Its id.
@@ -581,8 +587,8 @@ async fn job(client: &Client, out: &Output, cmd: JobCmd) -> Result<u8, Failure> 
 
 async fn cluster(client: &Client, out: &Output, cmd: ClusterCmd) -> Result<u8, Failure> {
     match cmd {
-        ClusterCmd::Status => {
-            let status = client.cluster_status().await?;
+        ClusterCmd::Status { digest } => {
+            let status = client.cluster_status_with(digest).await?;
             out.cluster(&status);
             // The table is still worth printing (which replicas answer, their terms),
             // but a script or an operator checking on a failover must not read

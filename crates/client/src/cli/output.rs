@@ -278,7 +278,11 @@ impl Output {
                         r.last_log_index.to_string(),
                         r.applied_index.to_string(),
                         lag(r).map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
-                        r.state_digest.chars().take(12).collect(),
+                        if r.state_digest.is_empty() {
+                            "-".into()
+                        } else {
+                            r.state_digest.chars().take(12).collect()
+                        },
                     ]);
                 }
                 println!("{t}");

@@ -419,7 +419,10 @@ async fn a_refused_connection_is_recognised_through_tonic() {
         Err(e) => panic!("channel: {e}"),
     };
     let status = match ClusterServiceClient::new(channel)
-        .status(pb::StatusRequest { local_only: true })
+        .status(pb::StatusRequest {
+            local_only: true,
+            with_digest: true,
+        })
         .await
     {
         Ok(_) => panic!("nothing listens there"),

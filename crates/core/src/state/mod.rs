@@ -23,7 +23,7 @@ pub use access::{hash_secret, Permission, Role, Token};
 pub use command::{
     ClusterConfig, Command, Counters, Rejection, ReportOutcome, Response, TaskReport,
 };
-pub use machine::{Assignment, DispatcherState, PendingReason, PendingReasons};
+pub use machine::{Assignment, DispatcherState, PendingReason, PendingReasons, StateView};
 pub use placement::{Capacity, SlotIndex};
 pub use types::*;
 pub use validate::{

@@ -110,7 +110,7 @@ impl SlotIndex {
         strategy: PlacementStrategy,
         cursor: Option<&TaskManagerId>,
         selector: &BTreeMap<String, String>,
-        task_managers: &BTreeMap<TaskManagerId, TaskManager>,
+        task_managers: &imbl::OrdMap<TaskManagerId, TaskManager>,
     ) -> Option<TaskManagerId> {
         if selector.is_empty() {
             return self.pick_any(strategy, cursor);
@@ -152,7 +152,7 @@ impl SlotIndex {
     pub fn capacity(
         &self,
         selector: &BTreeMap<String, String>,
-        task_managers: &BTreeMap<TaskManagerId, TaskManager>,
+        task_managers: &imbl::OrdMap<TaskManagerId, TaskManager>,
     ) -> Capacity {
         let mut c = Capacity::default();
         for id in self.matching(selector, task_managers) {
@@ -178,7 +178,7 @@ impl SlotIndex {
     fn matching<'a>(
         &'a self,
         selector: &'a BTreeMap<String, String>,
-        task_managers: &'a BTreeMap<TaskManagerId, TaskManager>,
+        task_managers: &'a imbl::OrdMap<TaskManagerId, TaskManager>,
     ) -> impl Iterator<Item = &'a TaskManagerId> + 'a {
         // A label that no TaskManager carries leaves no candidate at all.
         let rarest = selector
@@ -251,9 +251,9 @@ mod tests {
     fn cluster(
         tms: &[TaskManager],
         free: &[u32],
-    ) -> (SlotIndex, BTreeMap<TaskManagerId, TaskManager>) {
+    ) -> (SlotIndex, imbl::OrdMap<TaskManagerId, TaskManager>) {
         let mut index = SlotIndex::default();
-        let mut map = BTreeMap::new();
+        let mut map = imbl::OrdMap::new();
         for (t, f) in tms.iter().zip(free) {
             index.add(t, *f);
             map.insert(t.spec.id.clone(), t.clone());

@@ -34,9 +34,12 @@ use openraft::raft::{
 use openraft::AnyError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use super::{guard, Node, NodeId, TypeConfig};
+use super::{guard, LogId, Node, NodeId, TypeConfig};
+
+pub mod append;
 use dispatcher_core::codec;
 use dispatcher_proto::v1::raft_service_client::RaftServiceClient;
 use dispatcher_proto::v1::RaftMessage;
@@ -55,6 +58,9 @@ pub struct NetworkConfig {
     pub peer_addresses: std::collections::BTreeMap<NodeId, String>,
     /// TLS to peers (this replica's certificate, the cluster CA); `None` for plain text.
     pub tls: Option<crate::tls::PeerTls>,
+    /// Most encoded bytes of log entries in one AppendEntries call (a larger single
+    /// entry goes alone); see [`append`].
+    pub max_append_bytes: usize,
 }
 
 impl Default for NetworkConfig {
@@ -63,9 +69,16 @@ impl Default for NetworkConfig {
             connect_timeout: Duration::from_millis(500),
             peer_addresses: Default::default(),
             tls: None,
+            max_append_bytes: append::DEFAULT_MAX_APPEND_BYTES,
         }
     }
 }
+
+/// How often a leader retries a peer it cannot connect to (openraft's default is
+/// 500 ms). Short, so that a restarted follower hears from its leader before its
+/// election grace runs out (`replica::RESTART_ELECTION_GRACE`); a refused connection
+/// costs next to nothing.
+pub const PEER_RETRY: Duration = Duration::from_millis(200);
 
 /// How often a peer whose calls keep failing is logged again.
 pub const PEER_REPORT_INTERVAL: Duration = Duration::from_secs(30);
@@ -77,6 +90,7 @@ pub struct GrpcNetwork {
     id: NodeId,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     peers: Peers,
+    in_flight: append::InFlights,
     config: NetworkConfig,
 }
 
@@ -91,6 +105,7 @@ impl GrpcNetwork {
             id,
             channels: Arc::new(Mutex::new(HashMap::new())),
             peers: Arc::default(),
+            in_flight: Arc::default(),
             config,
         }
     }
@@ -128,11 +143,14 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             channel: self.channel(target, &addr),
             addr,
             peers: self.peers.clone(),
+            in_flight: self.in_flight.clone(),
+            max_append_bytes: self.config.max_append_bytes,
         }
     }
 }
 
 /// A client of one peer.
+#[derive(Clone)]
 pub struct PeerClient {
     id: NodeId,
     target: NodeId,
@@ -141,15 +159,21 @@ pub struct PeerClient {
     /// The address actually dialled (an override, or the advertised one), for the log.
     addr: String,
     peers: Peers,
+    in_flight: append::InFlights,
+    max_append_bytes: usize,
 }
 
 /// The ways a call can fail before the peer's Raft answers. Each carries the error for
 /// openraft and a one-line description for our log.
-enum CallError {
+#[derive(Clone, Debug)]
+pub enum CallError {
+    /// No connection to the peer.
     Unreachable(AnyError, String),
     /// The request's deadline passed (tonic's client timeout, or the peer's).
     Timeout(String),
+    /// Any other failure of the call.
     Network(AnyError, String),
+    /// The request exceeds the message limit.
     TooLarge(usize),
 }
 
@@ -547,22 +571,158 @@ impl PeerClient {
     }
 }
 
-impl RaftNetwork<TypeConfig> for PeerClient {
-    async fn append_entries(
-        &mut self,
+/// The AppendEntries paths (see [`append`]).
+impl PeerClient {
+    /// One call, answered within `ttl` or dropped by openraft.
+    async fn append_now(
+        &self,
         rpc: AppendEntriesRequest<TypeConfig>,
-        option: RPCOption,
+        ttl: Duration,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
         let entries = rpc.entries.len();
-        let (kind, ttl) = (RpcKind::Append, option.hard_ttl());
-        match self.call(kind, &rpc, ttl).await {
+        match self.call(RpcKind::Append, &rpc, ttl).await {
             Ok(Ok(resp)) => {
                 self.vet(guard::check_append_entries_response(self.id, &rpc, &resp))
                     .map_err(RPCError::Network)?;
                 Ok(resp)
             }
             Ok(Err(remote)) => Err(self.remote(remote)),
-            Err(e) => Err(self.rpc_error(e, kind, ttl, entries)),
+            Err(e) => Err(self.rpc_error(e, RpcKind::Append, ttl, entries)),
+        }
+    }
+
+    /// The running call that already carries the beginning of `rpc`, if any; a running
+    /// call for anything else is cancelled.
+    fn attach(
+        &self,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+    ) -> Option<(append::Done, Option<LogId>)> {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let running = in_flight.get(&self.target)?;
+        if append::covers(&running.key, running.last, rpc) {
+            return Some((running.done.clone(), running.last));
+        }
+        if let Some(stale) = in_flight.remove(&self.target) {
+            stale.task.abort();
+        }
+        None
+    }
+
+    /// Sends `rpc` in a task of its own, with a timeout sized to its bytes, so that it
+    /// goes on when openraft stops waiting.
+    fn start(&self, rpc: AppendEntriesRequest<TypeConfig>, interval: Duration) -> append::Done {
+        let bytes = codec::encoded_len(&rpc).unwrap_or(MAX_RAFT_MESSAGE);
+        let timeout = append::call_timeout(interval, bytes);
+        let (tx, rx) = watch::channel(None);
+        let key = append::Key::of(&rpc);
+        let last = rpc.entries.last().map(|e| e.log_id);
+        let client = self.clone();
+        let task = tokio::spawn(async move {
+            let answer = match client.call(RpcKind::Append, &rpc, timeout).await {
+                Ok(Ok(resp)) => {
+                    match client.vet(guard::check_append_entries_response(client.id, &rpc, &resp)) {
+                        Ok(()) => Ok(Ok(resp)),
+                        Err(e) => Err(CallError::Network(AnyError::new(&e), e.to_string())),
+                    }
+                }
+                other => other,
+            };
+            tx.send_replace(Some(Arc::new(answer)));
+        });
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(stale) = in_flight.insert(
+            self.target,
+            append::InFlight {
+                key,
+                last,
+                done: rx.clone(),
+                task: task.abort_handle(),
+            },
+        ) {
+            stale.task.abort();
+        }
+        rx
+    }
+
+    /// Forgets the finished call that carried entries up to `last`.
+    fn collect(&self, last: Option<LogId>) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let finished = in_flight
+            .get(&self.target)
+            .is_some_and(|r| r.last == last && r.done.borrow().is_some());
+        if finished {
+            in_flight.remove(&self.target);
+        }
+    }
+
+    /// While `rpc`'s entries are still on their way: a heartbeat with its vote,
+    /// `prev_log_id` and commit index, reported as progress up to `prev_log_id`.
+    async fn heartbeat_instead(
+        &self,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+        ttl: Duration,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        let heartbeat = AppendEntriesRequest {
+            vote: rpc.vote,
+            prev_log_id: rpc.prev_log_id,
+            leader_commit: rpc.leader_commit,
+            entries: vec![],
+        };
+        match self.append_now(heartbeat, ttl).await? {
+            AppendEntriesResponse::Success => {
+                Ok(AppendEntriesResponse::PartialSuccess(rpc.prev_log_id))
+            }
+            other => Ok(other),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(PEER_RETRY))
+    }
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        let ttl = option.hard_ttl();
+        if rpc.entries.is_empty() {
+            return self.append_now(rpc, ttl).await;
+        }
+        let want = rpc.entries.last().map(|e| e.log_id);
+        let running = self.attach(&rpc);
+        let (done, sent) = match running {
+            Some(running) => {
+                // The entries are already on their way: wait half the interval for them,
+                // then make sure the follower hears from its leader in this interval.
+                let waited = tokio::time::timeout(ttl / 2, append::answer(running.0)).await;
+                match waited {
+                    Ok(Some(answer)) => (Some(answer), running.1),
+                    _ => return self.heartbeat_instead(&rpc, ttl / 2).await,
+                }
+            }
+            None => {
+                let (rpc, _) = append::fit_budget(rpc, self.max_append_bytes).map_err(|e| {
+                    RPCError::Network(NetworkError::from(AnyError::error(format!(
+                        "cannot size the entries: {e}"
+                    ))))
+                })?;
+                let sent = rpc.entries.last().map(|e| e.log_id);
+                (append::answer(self.start(rpc, ttl)).await, sent)
+            }
+        };
+        let Some(answer) = done else {
+            return Err(RPCError::Network(NetworkError::from(AnyError::error(
+                "the call was cancelled",
+            ))));
+        };
+        self.collect(sent);
+        match answer.as_ref() {
+            Ok(Ok(resp)) => Ok(append::progress(append::copy(resp), sent, want)),
+            Ok(Err(remote)) => Err(self.remote(remote.clone())),
+            Err(e) => Err(self.rpc_error(e.clone(), RpcKind::Append, ttl, 1)),
         }
     }
 

@@ -65,19 +65,29 @@ impl Default for RaftSettings {
 }
 
 impl RaftSettings {
-    /// The openraft configuration, validated.
-    pub fn to_openraft(&self, cluster: &str) -> Result<Config, String> {
+    /// The snapshot interval of replica `id`: `snapshot_after_logs` plus `id mod 4`
+    /// eighths of it, so that the replicas of a cluster, which apply the same entries
+    /// at about the same moment, do not all build a snapshot at once (a 200 MB state
+    /// takes seconds of a core to encode).
+    pub fn snapshot_interval(&self, id: NodeId) -> u64 {
+        let n = self.snapshot_after_logs;
+        n.saturating_add(n / 8 * (id % 4))
+    }
+
+    /// The openraft configuration of replica `id`, validated.
+    pub fn to_openraft(&self, cluster: &str, id: NodeId) -> Result<Config, String> {
+        let snapshot_interval = self.snapshot_interval(id);
         Config {
             cluster_name: cluster.to_string(),
             heartbeat_interval: self.heartbeat_ms,
             election_timeout_min: self.election_timeout_min_ms,
             election_timeout_max: self.election_timeout_max_ms,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_logs),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_interval),
             max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
             snapshot_max_chunk_size: self.snapshot_chunk_bytes,
             install_snapshot_timeout: self.snapshot_chunk_timeout_ms,
             // Purging costs a sync; do it in batches of a tenth of the snapshot interval.
-            purge_batch_size: (self.snapshot_after_logs / 10).max(1),
+            purge_batch_size: (snapshot_interval / 10).max(1),
             ..Config::default()
         }
         .validate()
@@ -109,6 +119,14 @@ pub enum StartError {
     #[error("raft: {0}")]
     Raft(String),
 }
+
+/// How long a restarted replica stays out of elections unless it hears from a leader
+/// first: more than a leader's retry interval to an unreachable peer (see
+/// `network::PEER_RETRY`), so the leader that kept running reaches it before it times
+/// out. Without this, a follower restarted behind a live leader starts an election at
+/// once, loses it (its log is behind), but its higher term deposes the leader: a
+/// needless election on every restart (openraft 0.9 has no pre-vote).
+pub const RESTART_ELECTION_GRACE: Duration = Duration::from_millis(1000);
 
 /// What a replica needs to start.
 #[derive(Clone, Debug)]
@@ -195,7 +213,7 @@ impl Replica {
     {
         let config = opts
             .raft
-            .to_openraft(&opts.cluster)
+            .to_openraft(&opts.cluster, opts.id)
             .map_err(StartError::Settings)?;
         let identity = Identity {
             cluster: opts.cluster.clone(),
@@ -238,8 +256,29 @@ impl Replica {
             tracing::info!("new data directory: waiting for the cluster to contact this replica");
         } else {
             tracing::info!("restarting from existing data; not initialising");
+            replica.hold_elections_after_restart(RESTART_ELECTION_GRACE);
         }
         Ok(replica)
+    }
+
+    /// Keeps this replica from starting an election until it has heard from a leader or
+    /// `grace` has passed.
+    fn hold_elections_after_restart(&self, grace: Duration) {
+        self.raft.runtime_config().elect(false);
+        let raft = self.raft.clone();
+        tokio::spawn(async move {
+            let heard = raft
+                .wait(Some(grace))
+                .metrics(|m| m.current_leader.is_some(), "a leader is known")
+                .await;
+            if heard.is_err() {
+                tracing::info!(
+                    grace = ?grace,
+                    "no leader heard since the restart; taking part in elections"
+                );
+            }
+            raft.runtime_config().elect(true);
+        });
     }
 
     /// Proposes a command and waits until it is committed and applied here; returns the

@@ -79,14 +79,20 @@ impl SharedState {
         self.applied_tx.send_replace(index);
     }
 
-    /// Digest of the state and the last applied index, read atomically.
-    pub fn digest(&self) -> (Option<u64>, String) {
-        let g = self.read();
-        let digest = g
-            .state
-            .digest()
+    /// Digest of the state and the last applied index, read atomically. The lock is
+    /// held only to take a view (O(1)); the encoding and hashing run on a blocking
+    /// thread, so neither apply nor the runtime waits for them.
+    pub async fn digest(&self) -> (Option<u64>, String) {
+        let (view, applied) = {
+            let g = self.read();
+            (g.state.view(), g.last_applied.map(|l| l.index))
+        };
+        let digest = tokio::task::spawn_blocking(move || view.digest())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|d| d.map_err(|e| e.to_string()))
             .unwrap_or_else(|e| format!("unencodable: {e}"));
-        (g.last_applied.map(|l| l.index), digest)
+        (applied, digest)
     }
 }
 
@@ -202,12 +208,17 @@ fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        // Encode under the read lock (a consistent view), write after releasing it.
-        let (data, last_applied, membership) = {
+        // Take a view under the read lock (O(1): the state's maps are persistent), then
+        // encode it on a blocking thread: apply never waits for a snapshot, and neither
+        // do the runtime's threads (a 200 MB state takes seconds to encode).
+        let (view, last_applied, membership) = {
             let g = self.shared.read();
-            let data = g.state.encode().map_err(|e| sm_err(ErrorVerb::Read, e))?;
-            (data, g.last_applied, g.membership.clone())
+            (g.state.view(), g.last_applied, g.membership.clone())
         };
+        let data = tokio::task::spawn_blocking(move || view.encode())
+            .await
+            .map_err(|e| sm_err(ErrorVerb::Read, e))?
+            .map_err(|e| sm_err(ErrorVerb::Read, e))?;
         let n = self
             .built
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -285,8 +296,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let state = DispatcherState::restore(&data)
-            .map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+        // Decoding a large snapshot takes seconds: off the runtime's threads.
+        let (state, data) = tokio::task::spawn_blocking(move || {
+            let state = DispatcherState::restore(&data);
+            (state, data)
+        })
+        .await
+        .map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+        let state = state.map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
         let stored = self
             .store_if_newer(StoredSnapshot {
                 meta: meta.clone(),

@@ -24,6 +24,8 @@ use dispatcher_proto::v1::{
 
 /// How long Status waits for each peer's own view.
 const PEER_STATUS_TIMEOUT: Duration = Duration::from_millis(500);
+/// The same with the digest, which hashes the whole state (a second or more at 100k jobs).
+const PEER_DIGEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Size of one Snapshot stream message.
 const SNAPSHOT_CHUNK: usize = 1 << 20;
 
@@ -128,9 +130,18 @@ impl ClusterServer {
             .collect()
     }
 
-    fn local_status(&self) -> ReplicaStatus {
+    /// This replica's own status: O(1) from the Raft metrics, without the state lock,
+    /// unless the digest is asked for.
+    async fn local_status(&self, with_digest: bool) -> ReplicaStatus {
+        let (applied, digest) = if with_digest {
+            self.replica.state.digest().await
+        } else {
+            (None, String::new())
+        };
+        // Read after the digest: the role and term answered are this moment's, not those
+        // from before a long computation.
         let m = self.replica.metrics();
-        let (applied, digest) = self.replica.state.digest();
+        let applied = applied.or(m.last_applied.map(|l| l.index));
         let role = match m.state {
             ServerState::Leader => ReplicaRole::Leader,
             ServerState::Follower => ReplicaRole::Follower,
@@ -160,7 +171,12 @@ impl ClusterServer {
     }
 
     /// A peer's own status, asked with the caller's token (the peer authorizes it).
-    async fn peer_status(&self, member: &Member, caller: &Caller) -> ReplicaStatus {
+    async fn peer_status(
+        &self,
+        member: &Member,
+        caller: &Caller,
+        with_digest: bool,
+    ) -> ReplicaStatus {
         let unreachable = ReplicaStatus {
             id: member.id,
             address: member.address.clone(),
@@ -171,14 +187,22 @@ impl ClusterServer {
         let Ok(channel) = self.forwarder.channel(member.id, &member.address) else {
             return unreachable;
         };
-        let mut req = Request::new(StatusRequest { local_only: true });
+        let mut req = Request::new(StatusRequest {
+            local_only: true,
+            with_digest,
+        });
         if let Some(token) = caller.authorization() {
             req.metadata_mut().insert(AUTHORIZATION, token.clone());
         }
-        req.set_timeout(PEER_STATUS_TIMEOUT);
+        let timeout = if with_digest {
+            PEER_DIGEST_TIMEOUT
+        } else {
+            PEER_STATUS_TIMEOUT
+        };
+        req.set_timeout(timeout);
         let mut client = ClusterServiceClient::new(channel);
         let call = client.status(req);
-        match tokio::time::timeout(PEER_STATUS_TIMEOUT, call).await {
+        match tokio::time::timeout(timeout, call).await {
             Ok(Ok(resp)) => resp
                 .into_inner()
                 .replicas
@@ -238,7 +262,7 @@ fn check_address(field: &str, addr: &str) -> Result<(), ApiError> {
 
 impl ClusterServer {
     async fn status(&self, caller: Caller, req: StatusRequest) -> Result<StatusResponse, ApiError> {
-        let local = self.local_status();
+        let local = self.local_status(req.with_digest).await;
         let leader = self.replica.leader();
         let mut replicas = vec![];
         let members = self.members();
@@ -246,8 +270,10 @@ impl ClusterServer {
             replicas.push(local);
         } else {
             let others = members.iter().filter(|m| m.id != self.replica.id);
-            let mut fetched =
-                futures::future::join_all(others.map(|m| self.peer_status(m, &caller))).await;
+            let mut fetched = futures::future::join_all(
+                others.map(|m| self.peer_status(m, &caller, req.with_digest)),
+            )
+            .await;
             replicas.push(local);
             replicas.append(&mut fetched);
             replicas.sort_by_key(|r| r.id);

@@ -95,7 +95,8 @@ pub struct Args {
     /// Upper bound of the election timeout in milliseconds.
     #[arg(long, env = "DISPATCHER_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
-    /// Build a snapshot after this many log entries.
+    /// Build a snapshot after this many log entries (replica N after this many plus N
+    /// mod 4 eighths of it, so that replicas do not all build at once).
     #[arg(long, env = "DISPATCHER_SNAPSHOT_AFTER_LOGS")]
     pub snapshot_after_logs: Option<u64>,
     /// Log format.
@@ -138,6 +139,14 @@ pub struct Args {
     /// protected tokens). Logs a warning at every start.
     #[arg(long, env = "DISPATCHER_INSECURE")]
     pub insecure: bool,
+    /// Most client and peer connections open at once (default 10000); further ones are
+    /// closed as soon as they are accepted. Lowered at start so that 512 file
+    /// descriptors stay free under the open-file limit.
+    #[arg(long, env = "DISPATCHER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most concurrent calls (HTTP/2 streams) on one connection (default 256).
+    #[arg(long, env = "DISPATCHER_MAX_STREAMS_PER_CONNECTION")]
+    pub max_streams_per_connection: Option<u32>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -163,6 +172,8 @@ struct FileConfig {
     tls_ca: Option<PathBuf>,
     bootstrap_token_file: Option<PathBuf>,
     insecure: Option<bool>,
+    max_connections: Option<usize>,
+    max_streams_per_connection: Option<u32>,
 }
 
 /// A validated replica configuration.
@@ -196,7 +207,16 @@ pub struct ServerConfig {
     pub bootstrap_token_hash: Option<String>,
     /// Plain text on a non-loopback address was explicitly allowed.
     pub insecure: bool,
+    /// Most connections open at once (before the file-descriptor reserve).
+    pub max_connections: usize,
+    /// Most concurrent calls on one connection.
+    pub max_streams_per_connection: u32,
 }
+
+/// Default of `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default of `--max-streams-per-connection`.
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 /// Reads the bootstrap token file: one secret of 32-512 printable ASCII characters
 /// (surrounding whitespace ignored). Returns its hash; the secret is dropped here.
@@ -369,6 +389,14 @@ impl Args {
                 None => None,
             },
             insecure: self.insecure || file.insecure.unwrap_or(false),
+            max_connections: self
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_streams_per_connection: self
+                .max_streams_per_connection
+                .or(file.max_streams_per_connection)
+                .unwrap_or(DEFAULT_MAX_STREAMS_PER_CONNECTION),
             liveness: {
                 let d = LivenessSettings::default();
                 LivenessSettings {
@@ -394,6 +422,15 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.id == 0 {
             return Err(invalid("--id", "replica ids start at 1"));
+        }
+        if self.max_connections < 16 {
+            return Err(invalid("--max-connections", "must be at least 16"));
+        }
+        if self.max_streams_per_connection == 0 {
+            return Err(invalid(
+                "--max-streams-per-connection",
+                "must be at least 1",
+            ));
         }
         if !self.listen.ip().is_loopback() && self.tls.is_none() && !self.insecure {
             return Err(invalid(
@@ -460,7 +497,7 @@ impl ServerConfig {
         if r.snapshot_after_logs == 0 {
             return Err(invalid("--snapshot-after-logs", "must be positive"));
         }
-        r.to_openraft(&self.cluster_name)
+        r.to_openraft(&self.cluster_name, self.id)
             .map_err(|e| invalid("raft settings", e))?;
         if self.restore.is_some() {
             if self.initial_cluster.keys().next() != Some(&self.id) {

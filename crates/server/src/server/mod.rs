@@ -12,7 +12,9 @@ pub mod auth;
 pub mod cluster_service;
 pub mod config;
 pub mod forward;
+pub mod health;
 pub mod job_service;
+pub mod listener;
 pub mod raft_service;
 pub mod status;
 pub mod taskmanager_service;
@@ -21,8 +23,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt as _;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -65,7 +65,23 @@ pub enum ServerError {
     /// Reflection could not be set up (a build problem).
     #[error("reflection: {0}")]
     Reflection(String),
+    /// The Raft core stopped (a storage error, a full disk, no file descriptors left):
+    /// this replica cannot serve again until it is restarted.
+    #[error("the Raft core stopped: {0}; exiting so that the supervisor restarts this replica")]
+    Fatal(String),
 }
+
+/// The services whose health is reported besides the overall one.
+const HEALTH_SERVICES: &[&str] = &[
+    <JobServiceServer<job_service::JobServer> as tonic::server::NamedService>::NAME,
+    <TaskManagerServiceServer<taskmanager_service::TaskManagerServer> as tonic::server::NamedService>::NAME,
+    <ClusterServiceServer<cluster_service::ClusterServer> as tonic::server::NamedService>::NAME,
+    <RaftServiceServer<raft_service::RaftServer> as tonic::server::NamedService>::NAME,
+];
+
+/// Longest a stop of Raft may take before the replica gives up on it (a core stuck in
+/// a write to a full disk must not keep the process alive).
+const RAFT_STOP: Duration = Duration::from_secs(5);
 
 /// Binds the listen address, then runs the replica until `shutdown` completes.
 pub async fn run(
@@ -86,9 +102,10 @@ pub async fn run(
 /// Raft. Tests bind port 0 and pass the listener in.
 pub async fn serve(
     config: ServerConfig,
-    listener: TcpListener,
+    tcp: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let fd_limit = listener::raise_fd_limit();
     let backup = match &config.restore {
         Some(path) => Some(dispatcher_core::backup::Backup::read(path)?),
         None => None,
@@ -116,6 +133,8 @@ pub async fn serve(
         listen = %config.listen,
         advertise = %config.advertise,
         tls = tls.is_some(),
+        open_file_limit = fd_limit,
+        max_connections = listener::effective_max_connections(config.max_connections, fd_limit),
         heartbeat_ms = config.raft.heartbeat_ms,
         election_timeout_min_ms = config.raft.election_timeout_min_ms,
         election_timeout_max_ms = config.raft.election_timeout_max_ms,
@@ -133,7 +152,7 @@ pub async fn serve(
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
-    let health_task = tokio::spawn(report_health(replica.clone(), health));
+    let mut health_task = tokio::spawn(health::run(replica.clone(), health, HEALTH_SERVICES));
     // Both reflection versions: grpcurl asks v1 first, many clients still speak v1alpha.
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()
@@ -175,21 +194,15 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let jobs = JobServiceServer::new(job_service::JobServer::new(edge, stop_rx.clone()));
 
-    // The builder's tcp_nodelay only reaches sockets tonic accepts itself, not ours: set
-    // it on every accepted connection, or Nagle's algorithm holds a response's last
-    // frame until the peer's delayed ACK (~40 ms per Raft round and per client call).
-    let incoming = TcpListenerStream::new(listener).map(|accepted| {
-        accepted.and_then(|stream| {
-            stream.set_nodelay(true)?;
-            Ok(stream)
-        })
-    });
+    let max_connections = listener::effective_max_connections(config.max_connections, fd_limit);
+    let incoming = listener::incoming(tcp, max_connections);
     let mut builder = Server::builder();
     if let Some(t) = &tls {
         builder = builder.tls_config(t.server.clone())?;
     }
     let result = builder
         .tcp_nodelay(true)
+        .max_concurrent_streams(Some(config.max_streams_per_connection))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -206,7 +219,7 @@ pub async fn serve(
     // open (a health Watch, say) keep this replica's Raft running behind a closed port.
     let mut stopping = stop_rx;
     let result = tokio::select! {
-        r = &mut result => r,
+        r = &mut result => r.map_err(ServerError::from),
         _ = async {
             let _ = stopping.wait_for(|s| *s).await;
             tokio::time::sleep(SHUTDOWN_DRAIN).await;
@@ -214,12 +227,22 @@ pub async fn serve(
             tracing::warn!(drain = ?SHUTDOWN_DRAIN, "connections still open after the drain; stopping anyway");
             Ok(())
         }
+        cause = &mut health_task => {
+            let cause = cause.unwrap_or_else(|e| format!("the health task failed: {e}"));
+            tracing::error!(cause = %cause, "the Raft core stopped; this replica cannot serve until it is restarted");
+            Err(ServerError::Fatal(cause))
+        }
     };
     tracing::info!(id = config.id, "shutting down");
     health_task.abort();
     duties.abort();
-    replica.shutdown().await;
-    result.map_err(ServerError::from)
+    if tokio::time::timeout(RAFT_STOP, replica.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(after = ?RAFT_STOP, "Raft did not stop in time; leaving it");
+    }
+    result
 }
 
 /// Seeds a new cluster with a backup: once this replica leads, it proposes RestoreState,
@@ -304,36 +327,5 @@ async fn bootstrap_token(replica: Replica, hash: String) {
         if replica.raft.metrics().borrow().state == openraft::ServerState::Shutdown {
             return;
         }
-    }
-}
-
-/// Reports SERVING (overall and per service) only while a leader is known.
-async fn report_health(replica: Replica, health: tonic_health::server::HealthReporter) {
-    let mut metrics = replica.raft.metrics();
-    let mut last: Option<bool> = None;
-    loop {
-        let has_leader = metrics.borrow().current_leader.is_some();
-        if last != Some(has_leader) {
-            let status = if has_leader {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            health.set_service_status("", status).await;
-            for name in [
-                <JobServiceServer<job_service::JobServer> as tonic::server::NamedService>::NAME,
-                <TaskManagerServiceServer<taskmanager_service::TaskManagerServer> as tonic::server::NamedService>::NAME,
-                <ClusterServiceServer<cluster_service::ClusterServer> as tonic::server::NamedService>::NAME,
-                <RaftServiceServer<raft_service::RaftServer> as tonic::server::NamedService>::NAME,
-            ] {
-                health.set_service_status(name, status).await;
-            }
-            last = Some(has_leader);
-        }
-        if metrics.changed().await.is_err() {
-            return;
-        }
-        // Metrics change on every commit; health needs no finer grain than this.
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -98,8 +98,18 @@ impl DispatcherState {
 
     /// Keeps at most `keep` completed checkpoints per job, dropping the oldest.
     pub(super) fn retain_checkpoints(&mut self, keep: usize) {
-        for job in self.jobs.values_mut() {
-            trim_oldest(&mut job.checkpoints.completed, keep);
+        // Only jobs over the bound are touched, so a snapshot sharing the map copies
+        // nothing else.
+        let over: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|(_, job)| job.checkpoints.completed.len() > keep)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in over {
+            if let Some(job) = self.jobs.get_mut(&id) {
+                trim_oldest(&mut job.checkpoints.completed, keep);
+            }
         }
     }
 }

@@ -42,6 +42,7 @@ use super::validate::validate_cluster_config;
 pub use pending::{PendingReason, PendingReasons};
 pub use queries::Assignment;
 use queue::QueueKey;
+pub use snapshot::StateView;
 
 /// The replicated state of the dispatcher.
 #[derive(Clone, Debug, Default)]
@@ -53,8 +54,9 @@ pub struct DispatcherState {
     next_seq: u64,
     /// Where round-robin placement continues.
     rr_cursor: Option<TaskManagerId>,
-    jobs: BTreeMap<JobId, Job>,
-    task_managers: BTreeMap<TaskManagerId, TaskManager>,
+    /// Persistent maps (O(1) clone): see [`StateView`].
+    jobs: imbl::OrdMap<JobId, Job>,
+    task_managers: imbl::OrdMap<TaskManagerId, TaskManager>,
     /// Bearer tokens by name.
     tokens: BTreeMap<String, Token>,
     /// Who registered each live TaskManager (only registrations made with a token).

@@ -65,7 +65,7 @@ impl DispatcherState {
         let lower = after.map_or(Unbounded, Excluded);
         let mut page: Vec<&Job> = self
             .jobs
-            .range::<JobId, _>((lower, Unbounded))
+            .range::<_, JobId>((lower, Unbounded))
             .map(|(_, j)| j)
             .filter(|j| keep(j))
             .take(limit.saturating_add(1))

@@ -31,8 +31,8 @@ struct Encoded<'a> {
     clock: Millis,
     next_seq: u64,
     rr_cursor: &'a Option<TaskManagerId>,
-    jobs: &'a BTreeMap<JobId, Job>,
-    task_managers: &'a BTreeMap<TaskManagerId, TaskManager>,
+    jobs: &'a imbl::OrdMap<JobId, Job>,
+    task_managers: &'a imbl::OrdMap<TaskManagerId, TaskManager>,
 }
 
 /// Layout version 2: version 1 followed by the access block.
@@ -49,8 +49,8 @@ struct Decoded {
     clock: Millis,
     next_seq: u64,
     rr_cursor: Option<TaskManagerId>,
-    jobs: BTreeMap<JobId, Job>,
-    task_managers: BTreeMap<TaskManagerId, TaskManager>,
+    jobs: imbl::OrdMap<JobId, Job>,
+    task_managers: imbl::OrdMap<TaskManagerId, TaskManager>,
 }
 
 #[derive(Deserialize)]
@@ -60,9 +60,25 @@ struct DecodedV2 {
     owners: BTreeMap<TaskManagerId, String>,
 }
 
-impl DispatcherState {
-    /// The canonical encoding: format-version byte, then bincode of the primary data in
-    /// ordered maps. Equal states give equal bytes.
+/// The primary data of a state at one applied index, taken in O(1) (the big maps are
+/// persistent, so taking a view copies no job) and encoded without the state: replicas
+/// build snapshots and digests from a view outside the state lock, so apply never waits
+/// for them.
+#[derive(Clone, Debug)]
+pub struct StateView {
+    config: ClusterConfig,
+    clock: Millis,
+    next_seq: u64,
+    rr_cursor: Option<TaskManagerId>,
+    jobs: imbl::OrdMap<JobId, Job>,
+    task_managers: imbl::OrdMap<TaskManagerId, TaskManager>,
+    tokens: BTreeMap<String, Token>,
+    owners: BTreeMap<TaskManagerId, String>,
+}
+
+impl StateView {
+    /// The canonical encoding of the state the view was taken of (see
+    /// [`DispatcherState::encode`]).
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
         let base = Encoded {
             config: &self.config,
@@ -81,6 +97,34 @@ impl DispatcherState {
                 owners: &self.owners,
             })
         }
+    }
+
+    /// SHA-256 of the canonical encoding, in hex (see [`DispatcherState::digest`]).
+    pub fn digest(&self) -> Result<String, CodecError> {
+        Ok(codec::digest_hex(&self.encode()?))
+    }
+}
+
+impl DispatcherState {
+    /// A view of the primary data, for encoding elsewhere; O(1) in the number of jobs
+    /// and TaskManagers.
+    pub fn view(&self) -> StateView {
+        StateView {
+            config: self.config.clone(),
+            clock: self.clock,
+            next_seq: self.next_seq,
+            rr_cursor: self.rr_cursor.clone(),
+            jobs: self.jobs.clone(),
+            task_managers: self.task_managers.clone(),
+            tokens: self.tokens.clone(),
+            owners: self.owners.clone(),
+        }
+    }
+
+    /// The canonical encoding: format-version byte, then bincode of the primary data in
+    /// ordered maps. Equal states give equal bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        self.view().encode()
     }
 
     /// Restores a state from its canonical encoding (either layout), rebuilding the

@@ -1,0 +1,54 @@
+//! Liveness under load, end to end: replication that fits its timeouts whatever the
+//! size of the entries.
+
+use std::time::Duration;
+
+use dispatcher_testkit::spec::{big_job, sleep_job};
+use dispatcher_testkit::ProcCluster;
+
+const T: Duration = Duration::from_secs(30);
+/// Each spec is about this long; a few of them exceed any one AppendEntries budget.
+const SPEC_BYTES: usize = 3_200_000;
+
+/// A follower killed while big entries are written, restarted behind by tens of
+/// megabytes, catches up by itself with default flags and the leader keeps leading:
+/// the leader sends one big entry per call instead of retrying the whole lag as one
+/// call that never fits in the 50 ms AppendEntries timeout (the livelock of issue 14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_by_big_entries_catches_up_without_elections() {
+    let (mut c, client, leader) = ProcCluster::start_elected(3, T).await;
+    for i in 0..3 {
+        client
+            .submit_job(None, big_job(&format!("before-{i}"), SPEC_BYTES))
+            .await
+            .expect("submit a big job");
+    }
+    let follower = if leader == 1 { 2 } else { 1 };
+    c.kill(follower);
+    for i in 0..8 {
+        client
+            .submit_job(None, big_job(&format!("behind-{i}"), SPEC_BYTES))
+            .await
+            .expect("submit a big job with a follower down");
+    }
+    let term_before = c.statuses(&client).await[&leader].term;
+
+    c.spawn(follower);
+    c.converged(&client, T, "the restarted follower caught up")
+        .await;
+    client
+        .submit_job(None, sleep_job("after", 1))
+        .await
+        .expect("a submission after the catch-up");
+    let statuses = c.statuses(&client).await;
+    let now = statuses[&leader].clone();
+    assert_eq!(
+        now.leader_id, leader,
+        "leadership moved while a follower caught up (term {term_before} -> {})",
+        now.term
+    );
+    assert_eq!(
+        now.term, term_before,
+        "an election happened during the catch-up"
+    );
+}
