@@ -59,13 +59,19 @@ impl History {
 
     /// Appends one record (`line` without its newline), rotating first if the line would
     /// take the file past the limit. A line longer than the limit gets a file of its own.
+    /// A failed rotation is logged and the record still appended.
     pub fn append(&mut self, line: &str) -> std::io::Result<()> {
         let mut bytes = Vec::with_capacity(line.len() + 1);
         bytes.extend_from_slice(line.as_bytes());
         bytes.push(b'\n');
         let len = bytes.len() as u64;
         if self.size > 0 && self.size.saturating_add(len) > self.max_bytes {
-            self.rotate()?;
+            if let Err(e) = self.rotate() {
+                // A record matters more than the bound: keep appending to the current
+                // file, and try again once it grew by another `max_bytes`.
+                tracing::warn!(file = %self.path.display(), error = %e, "cannot rotate the attempt history; appending to it");
+                self.size = 0;
+            }
         }
         let file = match &mut self.file {
             Some(f) => f,

@@ -199,3 +199,20 @@ fn a_reader_racing_the_rotation_sees_no_line_twice_and_none_missing() {
     assert_eq!(read(dir.path()).expect("read").len(), total);
     assert!(partial_reads > 0, "no read overlapped the writes");
 }
+
+#[test]
+fn a_rotation_that_fails_still_records_the_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = History::open(dir.path(), 20, 2).expect("open");
+    h.append(&line(0, 10)).expect("append");
+    h.append(&line(1, 10)).expect("append");
+    // A directory where the oldest file should be dropped: the rotation fails.
+    let current = dir.path().join(FILE_NAME);
+    std::fs::create_dir_all(rotated(&current, 2).join("blocker")).expect("blocker");
+    h.append(&line(2, 10))
+        .expect("appended despite the failed rotation");
+    assert_eq!(
+        lines_of(&current),
+        vec![line(0, 10), line(1, 10), line(2, 10)]
+    );
+}
