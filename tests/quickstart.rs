@@ -223,11 +223,7 @@ impl Supervisor {
         let mut out = vec![];
         for tm in ["tm-1", "tm-2"] {
             let work = self.data().join(tm);
-            let history = std::fs::read_to_string(work.join("attempts.jsonl")).unwrap_or_default();
-            for line in history.lines() {
-                let Ok(e) = serde_json::from_str::<Value>(line) else {
-                    continue;
-                };
+            for e in dispatcher_client::taskmanager::history::records(&work) {
                 let pid = e["detail"]
                     .as_str()
                     .and_then(|d| d.strip_prefix("pid "))

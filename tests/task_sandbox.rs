@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use dispatcher_client::taskmanager::runner::AttemptKey;
 use dispatcher_client::taskmanager::sandbox::{DEFAULT_LANG, DEFAULT_PATH};
 use dispatcher_client::Client;
 use dispatcher_proto::v1 as pb;
@@ -59,10 +60,13 @@ async fn ended(client: &Client, id: &str) -> pb::JobStatus {
 
 /// The working directory of attempt 1 of subtask 0 of `vertex`.
 fn task_dir(c: &ProcCluster, job: &str, vertex: &str) -> PathBuf {
-    c.tms["tm-1"]
-        .work_dir
-        .join("tasks")
-        .join(format!("{job}-{vertex}-0-a1"))
+    let key = AttemptKey {
+        job: job.into(),
+        vertex: vertex.into(),
+        subtask: 0,
+        attempt: 1,
+    };
+    key.task_dir(&c.tms["tm-1"].work_dir.join("tasks"))
 }
 
 fn read(path: &Path) -> String {

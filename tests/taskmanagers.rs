@@ -1,10 +1,12 @@
 //! End-to-end tests of TaskManagers on real processes: jobs run to completion across
 //! TaskManagers, failures restart per strategy, cancel kills processes, a dead
 //! TaskManager's tasks move, a dead leader restarts nothing, an expired TaskManager that
-//! comes back stops its stale attempts, and a job too big waits for capacity.
+//! comes back stops its stale attempts, a job too big waits for capacity, and a
+//! TaskManager's work directory stays bounded without losing an attempt record.
 
 use std::time::{Duration, Instant};
 
+use dispatcher_client::taskmanager::runner::AttemptKey;
 use dispatcher_client::Client;
 use dispatcher_proto::v1 as pb;
 use dispatcher_testkit::signal::alive;
@@ -303,4 +305,97 @@ async fn a_job_failing_before_its_siblings_start_still_ends() {
         tms.iter().all(|t| t.free_slots == t.slots),
         "every slot is free again"
     );
+}
+
+/// Vertices `a.b` and `a/b` read alike once made file-name-safe; each still gets its own
+/// directory and output. Past `--retain-finished-count` the oldest ended directories go,
+/// and the attempt records survive rotation: every start and stop is still read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_directories_stay_apart_and_bounded_and_every_attempt_record_is_kept() {
+    let (mut c, client, _) = ProcCluster::start_elected(3, T).await;
+    c.start_tm(
+        "tm-1",
+        16,
+        &[
+            "--attempts-max-bytes",
+            "4096",
+            "--attempts-keep",
+            "100",
+            "--retain-finished-count",
+            "2",
+        ],
+    );
+    wait_for(T, "the TaskManager registered", || async {
+        let listed = client.list_task_managers(false).await.ok()?;
+        (listed.len() == 1).then_some(())
+    })
+    .await;
+    let echo = shell("echo \"$DISPATCHER_VERTEX\"");
+    let spec = JobBuilder::new("alike")
+        .vertex("a.b", 1, echo.clone())
+        .vertex("a/b", 1, echo)
+        .build();
+    let first = client.submit_job(None, spec).await.expect("submit").job_id;
+    job_where(&client, &first, "the job finishes", |j| {
+        state_is(j, pb::JobState::Finished)
+    })
+    .await;
+    let tasks = c.tms["tm-1"].work_dir.join("tasks");
+    let dir_of = |job: &str, vertex: &str| {
+        AttemptKey {
+            job: job.into(),
+            vertex: vertex.into(),
+            subtask: 0,
+            attempt: 1,
+        }
+        .task_dir(&tasks)
+    };
+    for vertex in ["a.b", "a/b"] {
+        let out =
+            std::fs::read_to_string(dir_of(&first, vertex).join("stdout.log")).expect("stdout.log");
+        assert_eq!(out, format!("{vertex}\n"));
+    }
+
+    let spec = JobBuilder::new("many")
+        .vertex("v", 16, shell("true"))
+        .build();
+    let second = client.submit_job(None, spec).await.expect("submit").job_id;
+    job_where(&client, &second, "the job finishes", |j| {
+        state_is(j, pb::JobState::Finished)
+    })
+    .await;
+    let count = || std::fs::read_dir(&tasks).map_or(0, |d| d.count());
+    wait_for(T, "two ended directories are left", || async {
+        (count() == 2).then_some(())
+    })
+    .await;
+    assert!(!dir_of(&first, "a.b").exists() && !dir_of(&first, "a/b").exists());
+
+    let work = &c.tms["tm-1"].work_dir;
+    assert!(
+        work.join("attempts.jsonl.1").exists(),
+        "18 attempts make more than 4096 bytes of records"
+    );
+    let history = c.tm_history("tm-1");
+    for event in ["start", "stop"] {
+        let mut seen: Vec<(String, String, u64)> = history
+            .iter()
+            .filter(|e| e["event"] == event)
+            .map(|e| {
+                (
+                    e["job_id"].as_str().unwrap_or_default().to_string(),
+                    e["vertex"].as_str().unwrap_or_default().to_string(),
+                    e["subtask"].as_u64().unwrap_or(u64::MAX),
+                )
+            })
+            .collect();
+        seen.sort();
+        let mut want: Vec<(String, String, u64)> = vec![
+            (first.clone(), "a.b".into(), 0),
+            (first.clone(), "a/b".into(), 0),
+        ];
+        want.extend((0..16).map(|s| (second.clone(), "v".to_string(), s)));
+        want.sort();
+        assert_eq!(seen, want, "every {event} recorded once");
+    }
 }

@@ -219,6 +219,9 @@ impl Cluster {
                 dir.join(format!("tm/{id}")).display().to_string(),
                 "--kill-grace-ms".into(),
                 "500".into(),
+                // The checker needs every attempt record: keep all rotated files.
+                "--attempts-keep".into(),
+                "100000".into(),
             ]
             .into_iter()
             .chain(tm_security.iter().cloned())

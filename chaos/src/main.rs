@@ -297,10 +297,18 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
     checker::check_history(&mut report, &hist, &final_map, run_ms);
     let mut records = BTreeMap::new();
     for tm in c.task_managers.keys() {
-        let text = std::fs::read_to_string(c.tm_dir(tm).join("attempts.jsonl")).unwrap_or_default();
+        // Every record kept, across the rotated files, oldest first.
+        let lines =
+            dispatcher_client::taskmanager::history::read(&c.tm_dir(tm)).unwrap_or_else(|e| {
+                report
+                    .violations
+                    .push(format!("{tm}: cannot read its attempt history: {e}"));
+                Vec::new()
+            });
         records.insert(
             tm.clone(),
-            text.lines()
+            lines
+                .iter()
                 .filter_map(|l| serde_json::from_str(l).ok())
                 .collect::<Vec<_>>(),
         );

@@ -486,14 +486,10 @@ impl ProcCluster {
         }
     }
 
-    /// The TaskManager's attempt history (`attempts.jsonl`).
+    /// The TaskManager's attempt history (`attempts.jsonl` and its rotated files),
+    /// oldest first.
     pub fn tm_history(&self, id: &str) -> Vec<serde_json::Value> {
-        let path = self.tms[id].work_dir.join("attempts.jsonl");
-        std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        dispatcher_client::taskmanager::history::records(&self.tms[id].work_dir)
     }
 
     /// Pids of command tasks started on a TaskManager, by (job, vertex, subtask, attempt).

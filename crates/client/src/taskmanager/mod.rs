@@ -10,19 +10,22 @@
 //! network blip), it kills everything it runs and registers afresh as a new instance.
 //!
 //! Every attempt it starts and stops is appended to `<work-dir>/attempts.jsonl`, the
-//! TaskManager side of the chaos checker's history.
+//! TaskManager side of the chaos checker's history, rotated by size ([`history`]). The
+//! directories of ended attempts are removed after a retention ([`retention`]); a
+//! running attempt's directory never is.
 //!
 //! Every decision is made by the pure core in [`reconcile`]; this module only feeds it
 //! what happened and carries out what it asks for (processes, heartbeats, the history).
 //! What a command task may run, and as which user, is [`sandbox`]'s to decide, once at
 //! start-up from the flags and again for every task.
 
+pub mod history;
 pub mod reconcile;
+pub mod retention;
 pub mod runner;
 pub mod sandbox;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -31,7 +34,9 @@ use tokio::sync::mpsc;
 
 use crate::client::{Client, ClientConfig, ConnectArgs, TlsConfig, Token};
 use dispatcher_proto::v1 as pb;
+use history::History;
 use reconcile::{Action, CancelReason, Event, Phase, Reconciler};
+use retention::Retention;
 use runner::{AttemptKey, Exit, Outcome, Running, Work};
 use sandbox::{Sandbox, SandboxArgs};
 
@@ -74,6 +79,22 @@ pub struct Args {
     /// Time a cancelled process gets between SIGTERM and SIGKILL, in milliseconds.
     #[arg(long, env = "TASKMANAGER_KILL_GRACE_MS", default_value_t = 3000)]
     pub kill_grace_ms: u64,
+    /// Size at which `attempts.jsonl` is rotated to `attempts.jsonl.1`, in bytes.
+    #[arg(long, env = "TASKMANAGER_ATTEMPTS_MAX_BYTES", default_value_t = DEFAULT_ATTEMPTS_MAX_BYTES)]
+    pub attempts_max_bytes: u64,
+    /// Rotated attempt files kept (`attempts.jsonl.1` to `.N`); older ones are deleted.
+    #[arg(long, env = "TASKMANAGER_ATTEMPTS_KEEP", default_value_t = 4)]
+    pub attempts_keep: u32,
+    /// Seconds the directory of an ended attempt is kept before it is removed.
+    #[arg(long, env = "TASKMANAGER_RETAIN_FINISHED_SECS", default_value_t = 3600)]
+    pub retain_finished_secs: u64,
+    /// Directories of ended attempts kept at most; past it the oldest are removed.
+    #[arg(
+        long,
+        env = "TASKMANAGER_RETAIN_FINISHED_COUNT",
+        default_value_t = 1000
+    )]
+    pub retain_finished_count: usize,
     /// What command tasks may run, and as whom.
     #[command(flatten)]
     pub sandbox: SandboxArgs,
@@ -81,6 +102,12 @@ pub struct Args {
     #[command(flatten)]
     pub connect: ConnectArgs,
 }
+
+/// Default of `--attempts-max-bytes`: 64 MiB, about 250,000 records.
+pub const DEFAULT_ATTEMPTS_MAX_BYTES: u64 = 64 << 20;
+
+/// The smallest `--attempts-max-bytes`: a few records (one is about 250 bytes) a file.
+pub const MIN_ATTEMPTS_MAX_BYTES: u64 = 4096;
 
 /// A validated TaskManager configuration.
 #[derive(Debug, Clone)]
@@ -99,6 +126,14 @@ pub struct Config {
     pub address: String,
     /// SIGTERM-to-SIGKILL grace.
     pub kill_grace: Duration,
+    /// Size at which the attempt history is rotated.
+    pub attempts_max_bytes: u64,
+    /// Rotated history files kept.
+    pub attempts_keep: u32,
+    /// How long the directory of an ended attempt is kept.
+    pub retain_finished: Duration,
+    /// How many directories of ended attempts are kept at most.
+    pub retain_finished_count: usize,
     /// What command tasks may run, and as whom.
     pub sandbox: Sandbox,
     /// TLS settings for the dispatchers (read from `--ca`, `--cert`, `--key`).
@@ -135,6 +170,12 @@ impl Args {
         if dispatchers.is_empty() {
             return Err("--dispatchers needs at least one address".into());
         }
+        if self.attempts_max_bytes < MIN_ATTEMPTS_MAX_BYTES {
+            return Err(format!(
+                "--attempts-max-bytes {} is less than the minimum of {MIN_ATTEMPTS_MAX_BYTES}",
+                self.attempts_max_bytes
+            ));
+        }
         let sandbox = self.sandbox.into_sandbox()?;
         let tls = self.connect.tls().map_err(|e| e.to_string())?;
         let token = self.connect.token().map_err(|e| e.to_string())?;
@@ -150,6 +191,10 @@ impl Args {
             dispatchers,
             labels,
             kill_grace: Duration::from_millis(self.kill_grace_ms),
+            attempts_max_bytes: self.attempts_max_bytes,
+            attempts_keep: self.attempts_keep,
+            retain_finished: Duration::from_secs(self.retain_finished_secs),
+            retain_finished_count: self.retain_finished_count,
             sandbox,
         })
     }
@@ -199,7 +244,9 @@ struct Agent {
     /// Held here so that `exits` never closes while the agent runs.
     exits_tx: mpsc::UnboundedSender<Exit>,
     heartbeat: Duration,
-    history: Option<std::fs::File>,
+    history: History,
+    /// The directories of ended attempts, until they are removed.
+    retention: Retention,
 }
 
 fn now_ms() -> u64 {
@@ -217,15 +264,24 @@ impl Agent {
         self.config.work_dir.join("pids")
     }
 
+    fn task_dir(&self, key: &AttemptKey) -> PathBuf {
+        key.task_dir(&self.config.work_dir.join("tasks"))
+    }
+
     fn record(&mut self, event: &str, key: &AttemptKey, slot: u32, detail: &str) {
-        if let Some(f) = self.history.as_mut() {
-            let line = serde_json::json!({
-                "at_ms": now_ms(), "event": event, "task_manager": self.config.id,
-                "instance": self.instance, "job_id": key.job, "vertex": key.vertex,
-                "subtask": key.subtask, "attempt": key.attempt, "slot": slot, "detail": detail,
-            });
-            let _ = writeln!(f, "{line}");
+        let line = serde_json::json!({
+            "at_ms": now_ms(), "event": event, "task_manager": self.config.id,
+            "instance": self.instance, "job_id": key.job, "vertex": key.vertex,
+            "subtask": key.subtask, "attempt": key.attempt, "slot": slot, "detail": detail,
+        });
+        if let Err(e) = self.history.append(&line.to_string()) {
+            tracing::warn!(task_manager = %self.config.id, error = %e, "cannot record an attempt in attempts.jsonl");
         }
+    }
+
+    /// Removes the directories of ended attempts that are past the retention.
+    fn sweep(&mut self) {
+        retention::dispose(self.retention.due(now_ms()));
     }
 
     /// Feeds one event to the reconcile core and executes the actions it returns.
@@ -242,16 +298,24 @@ impl Agent {
                         subtask = key.subtask, attempt = key.attempt, ?outcome, "ended"
                     );
                     self.record("stop", &key, slot, &format!("{outcome:?}"));
+                    let dir = self.task_dir(&key);
+                    // Built-in tasks have no directory.
+                    if dir.is_dir() {
+                        retention::mark_ended(&dir);
+                        self.retention.ended(now_ms(), dir);
+                    }
                 }
                 Action::Reregister => control = Control::Reregister,
                 Action::Unregister { reports } => control = Control::Unregister(reports),
             }
         }
+        self.sweep();
         control
     }
 
     fn start(&mut self, key: AttemptKey, slot: u32, work: Work) {
-        let task_dir = self.config.work_dir.join("tasks").join(key.file_name());
+        let task_dir = self.task_dir(&key);
+        self.retention.started(&task_dir);
         let identity = BTreeMap::from([
             ("DISPATCHER_JOB_ID".to_string(), key.job.clone()),
             ("DISPATCHER_VERTEX".to_string(), key.vertex.clone()),
@@ -414,6 +478,54 @@ impl Agent {
             })
             .await;
     }
+
+    /// Prepares the work directory (kills the orphans of a previous life, opens the
+    /// history, takes over the directories left behind) and the client; the receiver
+    /// gets the exits of the attempts it starts.
+    fn open(config: Config) -> Result<(Agent, mpsc::UnboundedReceiver<Exit>), AgentError> {
+        let work_err = |path: PathBuf| move |source| AgentError::WorkDir { path, source };
+        let pid_dir = config.work_dir.join("pids");
+        std::fs::create_dir_all(&pid_dir).map_err(work_err(pid_dir.clone()))?;
+        let killed = runner::kill_orphans(&pid_dir);
+        if killed > 0 {
+            tracing::warn!(task_manager = %config.id, killed, "killed orphaned task processes of a previous run");
+        }
+        let history = History::open(
+            &config.work_dir,
+            config.attempts_max_bytes,
+            config.attempts_keep,
+        )
+        .map_err(work_err(config.work_dir.join(history::FILE_NAME)))?;
+        let tasks_dir = config.work_dir.join("tasks");
+        let mut retention = Retention::new(config.retain_finished, config.retain_finished_count);
+        // Nothing runs yet, so every directory left by a previous life is an ended one.
+        for (at, dir) in retention::ended_dirs(&tasks_dir).map_err(work_err(tasks_dir.clone()))? {
+            retention.ended(at, dir);
+        }
+        let mut client_config = ClientConfig::new(config.dispatchers.clone());
+        client_config.timeout = Duration::from_secs(3);
+        client_config.per_try_timeout = Duration::from_secs(1);
+        // The agent retries every failed call on its own schedule; giving up before the
+        // deadline when no dispatcher listens would only make it retry and log more often.
+        client_config.unreachable_timeout = client_config.timeout;
+        client_config.tls = config.tls.clone();
+        client_config.token = config.token.clone();
+        let client = Client::new(client_config)?;
+        let (exits_tx, exits) = mpsc::unbounded_channel();
+        let mut agent = Agent {
+            instance: uuid::Uuid::new_v4().to_string(),
+            client,
+            core: Reconciler::new(),
+            tasks: BTreeMap::new(),
+            exits_tx,
+            heartbeat: Duration::from_millis(500),
+            history,
+            retention,
+            config,
+        };
+        agent.sweep();
+        Ok((agent, exits))
+    }
 }
 
 /// Runs a TaskManager until `shutdown` completes; then stops its tasks (SIGTERM, then
@@ -422,39 +534,7 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let work_err = |path: PathBuf| move |source| AgentError::WorkDir { path, source };
-    let pid_dir = config.work_dir.join("pids");
-    std::fs::create_dir_all(&pid_dir).map_err(work_err(pid_dir.clone()))?;
-    let killed = runner::kill_orphans(&pid_dir);
-    if killed > 0 {
-        tracing::warn!(task_manager = %config.id, killed, "killed orphaned task processes of a previous run");
-    }
-    let history_path = config.work_dir.join("attempts.jsonl");
-    let history = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&history_path)
-        .map_err(work_err(history_path.clone()))?;
-    let mut client_config = ClientConfig::new(config.dispatchers.clone());
-    client_config.timeout = Duration::from_secs(3);
-    client_config.per_try_timeout = Duration::from_secs(1);
-    // The agent retries every failed call on its own schedule; giving up before the
-    // deadline when no dispatcher listens would only make it retry and log more often.
-    client_config.unreachable_timeout = client_config.timeout;
-    client_config.tls = config.tls.clone();
-    client_config.token = config.token.clone();
-    let client = Client::new(client_config)?;
-    let (exits_tx, mut exits) = mpsc::unbounded_channel();
-    let mut agent = Agent {
-        instance: uuid::Uuid::new_v4().to_string(),
-        client,
-        core: Reconciler::new(),
-        tasks: BTreeMap::new(),
-        exits_tx,
-        heartbeat: Duration::from_millis(500),
-        history: Some(history),
-        config,
-    };
+    let (mut agent, mut exits) = Agent::open(config)?;
     tokio::pin!(shutdown);
     let mut control = tokio::select! {
         c = agent.register() => c,
@@ -499,3 +579,6 @@ pub async fn run(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

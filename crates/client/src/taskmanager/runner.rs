@@ -5,7 +5,10 @@
 //!
 //! Each running process has a pid file under `<work-dir>/pids/`, holding its pid and its
 //! start time (from `/proc`), so that a restarted TaskManager can kill the orphans of its
-//! previous life without killing an unrelated process that reused the pid.
+//! previous life without killing an unrelated process that reused the pid. Directories
+//! and pid files are named by [`AttemptKey::file_name`], unique per attempt; the orphan
+//! sweep reads every pid file whatever its name, so those of earlier versions (named
+//! without the hash) are still killed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -42,22 +45,65 @@ impl AttemptKey {
         }
     }
 
-    /// A file-name-safe name.
+    /// The name of this attempt's task directory and pid file: a readable part (the job
+    /// id and the vertex, every byte outside `[A-Za-z0-9_-]` replaced by `_` and each cut
+    /// to [`READABLE_LEN`] characters, then the subtask and attempt) and a hash of the
+    /// exact identity. The readable part alone is not injective (vertices `a.b` and `a/b`
+    /// both read `a_b`, and `-` separates fields that may contain it); the hash is what
+    /// keeps two attempts of one TaskManager from sharing a directory or a pid file.
+    /// Only `[A-Za-z0-9_-]` appear, so the name is never `.`, `..`, hidden or a path, and
+    /// it stays far below the 255-byte file name limit whatever the vertex name.
     pub fn file_name(&self) -> String {
-        let vertex: String = self
-            .vertex
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        format!("{}-{}-{}-a{}", self.job, vertex, self.subtask, self.attempt)
+        let readable = |s: &str| -> String {
+            s.chars()
+                .take(READABLE_LEN)
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
+        };
+        // Length-prefixed, so that no two identities encode alike.
+        let identity = format!(
+            "{}:{}{}:{}{}:{}",
+            self.job.len(),
+            self.job,
+            self.vertex.len(),
+            self.vertex,
+            self.subtask,
+            self.attempt
+        );
+        let hash = dispatcher_core::codec::digest_hex(identity.as_bytes());
+        format!(
+            "{}-{}-{}-a{}-{}",
+            readable(&self.job),
+            readable(&self.vertex),
+            self.subtask,
+            self.attempt,
+            &hash[..HASH_LEN]
+        )
+    }
+
+    /// The attempt's working directory under `tasks_dir` (`<work-dir>/tasks`).
+    pub fn task_dir(&self, tasks_dir: &Path) -> PathBuf {
+        tasks_dir.join(self.file_name())
+    }
+
+    /// The attempt's pid file under `pid_dir` (`<work-dir>/pids`).
+    pub fn pid_file(&self, pid_dir: &Path) -> PathBuf {
+        pid_dir.join(format!("{}.pid", self.file_name()))
     }
 }
+
+/// Characters of the job id and of the vertex name kept in [`AttemptKey::file_name`].
+pub const READABLE_LEN: usize = 64;
+
+/// Hex digits of the identity's SHA-256 in [`AttemptKey::file_name`]: 64 bits, so that a
+/// collision among the attempts of one TaskManager is out of reach.
+const HASH_LEN: usize = 16;
 
 /// What to run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,7 +188,7 @@ pub fn start(
             match spawn_process(&argv, &env, &identity, sandbox, &task_dir) {
                 Ok(child) => {
                     let pid = child.id();
-                    let pid_file = pid_dir.join(format!("{}.pid", key.file_name()));
+                    let pid_file = key.pid_file(pid_dir);
                     if let Some(pid) = pid {
                         if let Err(e) = write_pid_file(&pid_file, pid) {
                             tracing::warn!(error = %e, pid, "cannot record the pid");
@@ -321,7 +367,9 @@ fn write_pid_file(path: &Path, pid: u32) -> std::io::Result<()> {
 
 /// Kills the process groups recorded in `pid_dir` by a previous life of this
 /// TaskManager, if they are still the same processes, and removes the pid files.
-/// Returns how many were killed.
+/// Every file counts, whatever its name: the content, not the name, says what to kill,
+/// so pid files named by an earlier version are handled alike. Returns how many were
+/// killed.
 pub fn kill_orphans(pid_dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(pid_dir) else {
         return 0;
@@ -344,3 +392,6 @@ pub fn kill_orphans(pid_dir: &Path) -> usize {
     }
     killed
 }
+
+#[cfg(test)]
+mod tests;
