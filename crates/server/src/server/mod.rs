@@ -190,6 +190,8 @@ pub async fn serve(
     }
     let result = builder
         .tcp_nodelay(true)
+        // Inside tonic's deadline timer: the edge counts the caller's deadline from here.
+        .layer(tonic::service::InterceptorLayer::new(edge::stamp_arrival))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
