@@ -119,8 +119,8 @@ async fn every_row_of_the_error_table_is_what_a_replica_answers() {
     );
     let client = c.client();
     let leader = c.leader(&client, STARTUP, "startup").await;
-    let admin = c.security.as_ref().expect("secured").admin_secret();
-    let admin = Some(admin.as_str());
+    let admin_secret = c.security.as_ref().expect("secured").admin_secret();
+    let admin = Some(admin_secret.as_str());
     let leader_addr = c.procs[&leader].addr.clone();
     let follower = c.follower_addr(leader);
     let at_follower = jobs(&c, &follower);
@@ -342,11 +342,10 @@ async fn every_row_of_the_error_table_is_what_a_replica_answers() {
         .copied()
         .find(|&id| id != leader && id != dead)
         .expect("a third replica");
-    let admin_secret = admin.unwrap_or_default();
     wait_for(
         Duration::from_secs(30),
         "the last replica to know no leader",
-        || async { (leader_seen_by(&c, alone, admin_secret).await == Some(0)).then_some(()) },
+        || async { (leader_seen_by(&c, alone, &admin_secret).await == Some(0)).then_some(()) },
     )
     .await;
     let at_alone = jobs(&c, &c.procs[&alone].addr);

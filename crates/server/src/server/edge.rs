@@ -25,7 +25,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::{Request, Status};
+use tonic::{Code, Request, Status};
 use tracing::Instrument as _;
 
 use super::auth::Authenticator;
@@ -348,7 +348,8 @@ impl Edge {
                 Some(left),
                 caller.authorization(),
             );
-            let failure = match tokio::time::timeout_at(deadline.at, call(route, forwarded)).await {
+            // Why this try failed, if the deadline comes before another one succeeds.
+            let failed = match tokio::time::timeout_at(deadline.at, call(route, forwarded)).await {
                 Ok(Ok(mut resp)) => {
                     // Tell the client where the leader is, so that its next call skips
                     // this hop.
@@ -357,17 +358,28 @@ impl Edge {
                     }
                     return Ok(Some(resp));
                 }
-                Ok(Err(s)) if forward::failed_here(&s) => forward::describe(&s),
+                Ok(Err(s)) if forward::failed_here(&s) => Failed::Here(forward::describe(&s)),
+                // A leader that cannot serve now (it just lost leadership, say): the next
+                // one may. Its answer stands if none comes in time.
+                Ok(Err(s)) if s.code() == Code::Unavailable => Failed::Leader(s),
                 // The leader's own answer (its Status, codes and metadata) passes through.
                 Ok(Err(s)) => return Err(s),
-                Err(_) => format!("no answer within {} ms", left.as_millis()),
+                Err(_) => Failed::Here(format!("no answer within {} ms", left.as_millis())),
             };
-            tracing::debug!(leader = leader.0, %failure, "forward failed; waiting for a leader");
+            if let Failed::Here(failure) = &failed {
+                tracing::debug!(leader = leader.0, %failure, "forward failed");
+            }
             if !deadline.passed() {
                 self.wait_leader_change(leader.0, deadline.at).await;
             }
             if deadline.passed() {
-                return Err(forward::failure(&leader, &failure, self.replica.leader()).into());
+                return Err(match failed {
+                    Failed::Leader(answer) => answer,
+                    // The hint names the leader known now, which may have changed.
+                    Failed::Here(failure) => {
+                        forward::failure(&leader, &failure, self.replica.leader()).into()
+                    }
+                });
             }
         }
     }
@@ -430,6 +442,14 @@ impl Edge {
             }
         }
     }
+}
+
+/// Why one forward failed.
+enum Failed {
+    /// The leader answered UNAVAILABLE (it cannot serve now; another may).
+    Leader(Status),
+    /// The forward failed here: refused, reset, or no answer in time.
+    Here(String),
 }
 
 /// RPCs that arrive many times a second on a healthy cluster (peers' Raft traffic,
