@@ -4,6 +4,7 @@
 
 use crate::raft::error::WriteError;
 use crate::raft::guard::Refusal;
+use crate::raft::NodeId;
 use dispatcher_core::state::Rejection;
 
 /// Why an RPC failed, in the server's own terms.
@@ -22,6 +23,19 @@ pub enum ApiError {
     /// This replica cannot serve now (shutting down); another replica may.
     #[error("{0}")]
     Unavailable(String),
+    /// A follower could not get the leader's answer to a call it forwarded: the leader
+    /// refused the connection, reset it, or did not answer in the time it was given.
+    /// `leader` is the leader this replica knows when it gives up, if any (the hint).
+    #[error("{cause}")]
+    ForwardFailed {
+        /// The leader known when the follower gave up.
+        leader: Option<(NodeId, String)>,
+        /// What went wrong, for people.
+        cause: String,
+    },
+    /// The caller's deadline passed before this replica had an answer.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// The call carries no token, or one the cluster does not know.
     #[error("{0}")]
     Unauthenticated(String),

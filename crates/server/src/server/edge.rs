@@ -10,6 +10,12 @@
 //! A request that arrives during an election waits for the new leader, within its
 //! deadline, instead of failing at once.
 //!
+//! The edge also owns a call's deadline and its honest failure codes: it answers before
+//! the caller's deadline (`grpc-timeout`) passes, with DEADLINE_EXCEEDED when the work
+//! was not done in time, and a follower answers its own failure to reach the leader
+//! (refused, reset, no answer in time) as UNAVAILABLE with the leader hint, while the
+//! leader's own answer passes through unchanged.
+//!
 //! Authentication and authorization happen here first, before a request is forwarded or
 //! a handler runs: each RPC's table entry names the [`Access`] it needs, and the handler
 //! receives the established [`Caller`] (see `auth`). A forwarded call carries the
@@ -19,21 +25,104 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use tracing::Instrument as _;
 
 use super::auth::Authenticator;
 pub use super::auth::{Access, Caller};
-use super::forward::{self, Forwarder};
+use super::forward::{self, Forwarder, Route};
 use super::status::{ApiError, LEADER_ADDRESS_KEY};
 use crate::raft::error::WriteError;
 use crate::raft::replica::Replica;
 use crate::raft::NodeId;
 use dispatcher_proto::v1 as pb;
 
-/// How long a request without a deadline waits for a leader to be elected.
+/// How long a request without a deadline waits for a leader to be elected (and a
+/// follower for the leader's answer to a forwarded one).
 pub const DEFAULT_LEADER_WAIT: Duration = Duration::from_secs(5);
+
+/// When a request arrived, stamped by [`stamp_arrival`] as the server hands it to the
+/// services: tonic starts its own timer for the caller's deadline then, before the
+/// message is decoded, and the edge must count from the same moment to answer first.
+#[derive(Clone, Copy, Debug)]
+pub struct Arrival(Instant);
+
+/// The interceptor that stamps every request with its [`Arrival`].
+pub fn stamp_arrival(mut request: Request<()>) -> Result<Request<()>, Status> {
+    request.extensions_mut().insert(Arrival(Instant::now()));
+    Ok(request)
+}
+
+/// How long before the caller's deadline the edge gives up and answers. tonic ends a
+/// call whose deadline passed as CANCELLED, on the server and in a tonic client alike;
+/// an answer sent this much earlier reaches the caller first, with a code that says
+/// what happened. A tenth of the timeout, between 1 ms and 50 ms.
+pub fn answer_margin(timeout: Duration) -> Duration {
+    (timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(50))
+}
+
+/// By when the edge answers one request.
+#[derive(Clone, Copy, Debug)]
+struct Deadline {
+    /// The instant it gives up waiting and answers.
+    at: Instant,
+    /// The timeout the caller set (`grpc-timeout`), if it set one.
+    caller: Option<Duration>,
+}
+
+impl Deadline {
+    /// The caller's deadline less [`answer_margin`], counted from the request's
+    /// arrival; [`DEFAULT_LEADER_WAIT`] for a request without one.
+    fn of<T>(request: &Request<T>) -> Deadline {
+        let arrived = request
+            .extensions()
+            .get::<Arrival>()
+            .map_or_else(Instant::now, |a| a.0);
+        let caller = forward::deadline(request);
+        let wait = match caller {
+            Some(t) => t.saturating_sub(answer_margin(t)),
+            None => DEFAULT_LEADER_WAIT,
+        };
+        Deadline {
+            // A far-future deadline saturates at an hour rather than overflowing.
+            at: arrived
+                .checked_add(wait)
+                .unwrap_or(arrived + Duration::from_secs(3600)),
+            caller,
+        }
+    }
+
+    fn passed(&self) -> bool {
+        Instant::now() >= self.at
+    }
+
+    /// DEADLINE_EXCEEDED, saying what the replica was doing when the deadline passed.
+    fn exceeded(&self, doing: &str) -> Status {
+        let timeout = self.caller.unwrap_or(DEFAULT_LEADER_WAIT);
+        ApiError::DeadlineExceeded(format!(
+            "the request's deadline ({} ms) passed {doing}; a write may or may not have \
+             taken effect: retry with the same ids",
+            timeout.as_millis()
+        ))
+        .into()
+    }
+
+    /// Runs `work` within the caller's deadline: DEADLINE_EXCEEDED when it passes first.
+    /// Without a caller deadline, `work` runs to its end (as tonic would let it).
+    async fn within<T>(
+        &self,
+        doing: &str,
+        work: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        if self.caller.is_none() {
+            return work.await;
+        }
+        match tokio::time::timeout_at(self.at, work).await {
+            Ok(result) => result,
+            Err(_) => Err(self.exceeded(doing)),
+        }
+    }
+}
 
 /// Where an RPC is served, as its service declares it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,13 +232,14 @@ impl Edge {
     ) -> Result<tonic::Response<Resp>, Status>
     where
         Req: EdgeRequest + Clone,
-        F: Fn(Channel, Request<Req>) -> FF,
+        F: Fn(Route, Request<Req>) -> FF,
         FF: Future<Output = Result<tonic::Response<Resp>, Status>>,
         L: FnOnce(Caller, Req) -> LF,
         LF: Future<Output = Result<Resp, ApiError>>,
     {
         let span = span(rpc, &request);
         async move {
+            let deadline = Deadline::of(&request);
             let consistency = rpc.consistency.for_request(request.get_ref().stale());
             let authenticate = |forwardable: bool| {
                 self.auth
@@ -167,7 +257,10 @@ impl Edge {
             };
             let mut caller = authenticate(consistency != Consistency::Local)?;
             if consistency != Consistency::Local {
-                if let Some(answer) = self.forward_or_local(&request, &caller, forward).await? {
+                if let Some(answer) = self
+                    .forward_or_local(&request, &caller, forward, deadline)
+                    .await?
+                {
                     return Ok(answer);
                 }
                 // A leader elected a moment ago may not have applied everything committed
@@ -181,10 +274,15 @@ impl Edge {
                     m.last_applied.map(|l| l.leader_id.term) < Some(m.current_term)
                 };
                 if consistency == Consistency::Linearizable || stale_leader {
-                    self.replica
-                        .read_barrier()
-                        .await
-                        .map_err(|e| Status::from(ApiError::from(e)))?;
+                    let barrier = async {
+                        self.replica
+                            .read_barrier()
+                            .await
+                            .map_err(|e| Status::from(ApiError::from(e)))
+                    };
+                    deadline
+                        .within("while confirming the leadership (read barrier)", barrier)
+                        .await?;
                 }
                 if caller.is_deferred() || stale_leader || consistency == Consistency::Linearizable
                 {
@@ -192,75 +290,96 @@ impl Edge {
                     caller = authenticate(false)?;
                 }
             }
-            match local(caller, request.into_inner()).await {
-                Ok(answer) => Ok(tonic::Response::new(answer)),
-                Err(e) => {
-                    tracing::debug!(error = %e, "refused");
-                    Err(e.into())
+            let served = async {
+                match local(caller, request.into_inner()).await {
+                    Ok(answer) => Ok(tonic::Response::new(answer)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "refused");
+                        Err(e.into())
+                    }
                 }
+            };
+            if rpc.access == Access::Peer {
+                // Peers' Raft calls keep tonic's timing: the Raft network times them out
+                // itself and reads either code as a timeout.
+                return served.await;
             }
+            deadline
+                .within("before this replica had served it", served)
+                .await
         }
         .instrument(span)
         .await
-    }
-
-    /// The instant by which a request must be answered.
-    fn deadline_of<T>(request: &Request<T>) -> Instant {
-        let now = Instant::now();
-        let wait = forward::deadline(request).unwrap_or(DEFAULT_LEADER_WAIT);
-        // A far-future deadline saturates at an hour rather than overflowing.
-        now.checked_add(wait)
-            .unwrap_or(now + Duration::from_secs(3600))
     }
 
     /// Serves the request at the leader if this replica does not lead: returns the
     /// leader's answer, or `None` when it is to be served here. A forward that fails
     /// because the leader just died waits for the next leader (within the request's
     /// deadline) and goes there, so one request rides through an election.
+    ///
+    /// A forward that fails here (the leader refused or reset the connection, or gave no
+    /// answer in the time left) is retried at the next leader while time remains; when
+    /// the deadline comes, the caller gets UNAVAILABLE with the leader hint, not tonic's
+    /// transport error. Each forward carries the time left as its deadline, so a live
+    /// leader that cannot finish in time answers DEADLINE_EXCEEDED itself, before this
+    /// replica would give up on it.
     async fn forward_or_local<Req, Resp, F, Fut>(
         &self,
         request: &Request<Req>,
         caller: &Caller,
         call: F,
+        deadline: Deadline,
     ) -> Result<Option<tonic::Response<Resp>>, Status>
     where
         Req: Clone,
-        F: Fn(Channel, Request<Req>) -> Fut,
+        F: Fn(Route, Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
-        let deadline = Self::deadline_of(request);
         loop {
-            let (channel, leader) = match self.route_until(request, deadline).await? {
+            let route = match self.route_until(request, deadline).await? {
                 None => return Ok(None),
                 Some(route) => route,
             };
-            let leader_addr = self.replica.leader().map(|(_, a)| a);
-            let left = deadline.saturating_duration_since(Instant::now());
-            tracing::debug!(leader, "forwarding to the leader");
-            match call(
-                channel,
-                forward::forwarded(
-                    request.get_ref().clone(),
-                    Some(left),
-                    caller.authorization(),
-                ),
-            )
-            .await
-            {
-                Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
-                    tracing::debug!(leader, error = %s, "forward failed; waiting for a leader");
-                    self.wait_leader_change(leader, deadline).await;
-                }
-                Ok(mut resp) => {
+            let leader = route.leader.clone();
+            let left = deadline.at.saturating_duration_since(Instant::now());
+            tracing::debug!(leader = leader.0, "forwarding to the leader");
+            let forwarded = forward::forwarded(
+                request.get_ref().clone(),
+                Some(left),
+                caller.authorization(),
+            );
+            // Why this try failed, if the deadline comes before another one succeeds.
+            let failed = match tokio::time::timeout_at(deadline.at, call(route, forwarded)).await {
+                Ok(Ok(mut resp)) => {
                     // Tell the client where the leader is, so that its next call skips
                     // this hop.
-                    if let Some(v) = leader_addr.and_then(|a| a.parse().ok()) {
+                    if let Ok(v) = leader.1.parse() {
                         resp.metadata_mut().insert(LEADER_ADDRESS_KEY, v);
                     }
                     return Ok(Some(resp));
                 }
+                Ok(Err(s)) if forward::failed_here(&s) => Failed::Here(forward::describe(&s)),
+                // A leader that cannot serve now (it just lost leadership, say): the next
+                // one may. Its answer stands if none comes in time.
+                Ok(Err(s)) if s.code() == Code::Unavailable => Failed::Leader(s),
                 // The leader's own answer (its Status, codes and metadata) passes through.
-                Err(s) => return Err(s),
+                Ok(Err(s)) => return Err(s),
+                Err(_) => Failed::Here(format!("no answer within {} ms", left.as_millis())),
+            };
+            if let Failed::Here(failure) = &failed {
+                tracing::debug!(leader = leader.0, %failure, "forward failed");
+            }
+            if !deadline.passed() {
+                self.wait_leader_change(leader.0, deadline.at).await;
+            }
+            if deadline.passed() {
+                return Err(match failed {
+                    Failed::Leader(answer) => answer,
+                    // The hint names the leader known now, which may have changed.
+                    Failed::Here(failure) => {
+                        forward::failure(&leader, &failure, self.replica.leader()).into()
+                    }
+                });
             }
         }
     }
@@ -282,11 +401,13 @@ impl Edge {
 
     /// Decides where the request is served: `None` here (this replica leads), or a
     /// channel to the leader; waits (until `deadline`) for a leader if none is known.
+    /// A caller whose own deadline passes first gets DEADLINE_EXCEEDED; one without a
+    /// deadline gets UNAVAILABLE (no leader known) after [`DEFAULT_LEADER_WAIT`].
     async fn route_until<T>(
         &self,
         request: &Request<T>,
-        deadline: Instant,
-    ) -> Result<Option<(Channel, NodeId)>, Status> {
+        deadline: Deadline,
+    ) -> Result<Option<Route>, Status> {
         let mut metrics = self.replica.raft.metrics();
         loop {
             match self.replica.leader() {
@@ -300,19 +421,35 @@ impl Edge {
                         .into());
                     }
                     let channel = self.forwarder.channel(id, &addr).map_err(Status::from)?;
-                    return Ok(Some((channel, id)));
+                    return Ok(Some(Route {
+                        channel,
+                        leader: (id, addr),
+                    }));
                 }
                 _ => {}
             }
-            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+            match tokio::time::timeout_at(deadline.at, metrics.changed()).await {
                 Ok(Ok(())) => continue,
                 Ok(Err(_)) => {
                     return Err(ApiError::Unavailable("replica is shutting down".into()).into())
+                }
+                Err(_) if deadline.caller.is_some() => {
+                    return Err(
+                        deadline.exceeded("while no leader was known (an election may be running)")
+                    )
                 }
                 Err(_) => return Err(ApiError::from(WriteError::NotLeader { leader: None }).into()),
             }
         }
     }
+}
+
+/// Why one forward failed.
+enum Failed {
+    /// The leader answered UNAVAILABLE (it cannot serve now; another may).
+    Leader(Status),
+    /// The forward failed here: refused, reset, or no answer in time.
+    Here(String),
 }
 
 /// RPCs that arrive many times a second on a healthy cluster (peers' Raft traffic,
@@ -379,8 +516,8 @@ macro_rules! edge_service {
                         .serve(
                             rpc,
                             request,
-                            |channel, request| async move {
-                                edge_service!(@forward $client, $method, channel, request $(, $stream)?)
+                            |route, request| async move {
+                                edge_service!(@forward $client, $method, route, request $(, $stream)?)
                             },
                             |caller, message| edge_service!(@call self, $handler, caller, message $(, $caller)?),
                         )
@@ -396,14 +533,16 @@ macro_rules! edge_service {
     (@call $self:ident, $handler:ident, $c:ident, $message:ident, caller) => {
         $self.$handler($c, $message)
     };
-    (@forward $client:ident, $method:ident, $channel:ident, $request:ident) => {
-        $client::new($channel).$method($request).await
+    (@forward $client:ident, $method:ident, $route:ident, $request:ident) => {
+        $client::new($route.channel).$method($request).await
     };
-    (@forward $client:ident, $method:ident, $channel:ident, $request:ident, stream) => {
-        $client::new($channel)
+    (@forward $client:ident, $method:ident, $route:ident, $request:ident, stream) => {
+        $client::new($route.channel)
             .$method($request)
             .await
-            .map(|answer| answer.map(|s| Box::pin(s) as _))
+            .map(|answer| {
+                answer.map(|s| Box::pin($crate::server::forward::relay(s, $route.leader)) as _)
+            })
     };
 }
 
@@ -422,6 +561,58 @@ mod tests {
             "a write is never served locally"
         );
         assert_eq!(Local.for_request(false), Local);
+    }
+
+    #[test]
+    fn the_edge_answers_a_tenth_of_the_deadline_early_within_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(answer_margin(ms(100)), ms(10));
+        assert_eq!(answer_margin(ms(5)), ms(1), "at least 1 ms");
+        assert_eq!(answer_margin(Duration::ZERO), ms(1));
+        assert_eq!(
+            answer_margin(Duration::from_secs(10)),
+            ms(50),
+            "at most 50 ms"
+        );
+    }
+
+    #[test]
+    fn the_deadline_counts_from_the_arrival_less_the_margin() {
+        let arrived = Instant::now();
+        let mut r = Request::new(());
+        r.extensions_mut().insert(Arrival(arrived));
+        r.metadata_mut()
+            .insert("grpc-timeout", "100m".parse().expect("ascii"));
+        let d = Deadline::of(&r);
+        assert_eq!(d.at, arrived + Duration::from_millis(90));
+        assert_eq!(d.caller, Some(Duration::from_millis(100)));
+
+        let mut r = Request::new(());
+        r.extensions_mut().insert(Arrival(arrived));
+        let d = Deadline::of(&r);
+        assert_eq!(
+            d.at,
+            arrived + DEFAULT_LEADER_WAIT,
+            "no deadline: the leader wait"
+        );
+        assert_eq!(d.caller, None);
+    }
+
+    #[tokio::test]
+    async fn work_past_the_callers_deadline_ends_as_deadline_exceeded() {
+        let d = Deadline {
+            at: Instant::now() + Duration::from_millis(20),
+            caller: Some(Duration::from_millis(22)),
+        };
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok::<_, Status>(())
+        };
+        let s = d.within("doing it", slow).await.expect_err("too slow");
+        assert_eq!(s.code(), tonic::Code::DeadlineExceeded);
+        assert!(s.message().contains("22 ms") && s.message().contains("doing it"));
+        let quick = async { Ok::<_, Status>(7) };
+        assert_eq!(d.within("doing it", quick).await.expect("in time"), 7);
     }
 
     #[test]

@@ -203,6 +203,8 @@ pub async fn serve(
     let result = builder
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(config.max_streams_per_connection))
+        // Inside tonic's deadline timer: the edge counts the caller's deadline from here.
+        .layer(tonic::service::InterceptorLayer::new(edge::stamp_arrival))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)

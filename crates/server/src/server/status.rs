@@ -1,9 +1,10 @@
 //! The one place where errors become `tonic::Status`.
 //!
 //! Handlers and the edge return [`ApiError`] (`crate::error`); only `From<ApiError> for Status` here
-//! picks codes and metadata. "Not the leader" becomes UNAVAILABLE with the leader's
-//! address in the `x-dispatcher-leader` metadata (and its id in
-//! `x-dispatcher-leader-id`), which the client library follows; rejections map to the
+//! picks codes and metadata. "Not the leader" and a follower's failure to reach the
+//! leader it forwards to become UNAVAILABLE with the leader's address in the
+//! `x-dispatcher-leader` metadata (and its id in `x-dispatcher-leader-id`), which the
+//! client library follows; a passed deadline is DEADLINE_EXCEEDED; rejections map to the
 //! codes the proto documents.
 
 use tonic::metadata::MetadataValue;
@@ -11,6 +12,7 @@ use tonic::{Code, Status};
 
 pub use crate::error::ApiError;
 use crate::raft::error::WriteError;
+use crate::raft::NodeId;
 use dispatcher_core::state::Rejection;
 pub use dispatcher_proto::headers::{
     LEADER_ADDRESS as LEADER_ADDRESS_KEY, LEADER_ID as LEADER_ID_KEY,
@@ -23,6 +25,10 @@ impl From<ApiError> for Status {
             ApiError::Write(w) => write_error(w),
             ApiError::NotFound(m) => Status::not_found(m),
             ApiError::Unavailable(m) => Status::unavailable(m),
+            ApiError::ForwardFailed { leader, cause } => {
+                with_leader_hint(Status::unavailable(cause), leader)
+            }
+            ApiError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
             ApiError::Unauthenticated(m) => Status::unauthenticated(m),
             ApiError::PermissionDenied(m) => Status::permission_denied(m),
             ApiError::Internal(m) => Status::internal(m),
@@ -40,21 +46,25 @@ fn write_error(e: WriteError) -> Status {
                 }
                 None => "no leader is known yet (an election may be running); retry".to_string(),
             };
-            let mut status = Status::unavailable(msg);
-            if let Some((id, addr)) = leader {
-                if let Ok(v) = MetadataValue::try_from(addr.as_str()) {
-                    status.metadata_mut().insert(LEADER_ADDRESS_KEY, v);
-                }
-                if let Ok(v) = MetadataValue::try_from(id.to_string().as_str()) {
-                    status.metadata_mut().insert(LEADER_ID_KEY, v);
-                }
-            }
-            status
+            with_leader_hint(Status::unavailable(msg), leader)
         }
         WriteError::Fatal(m) => Status::unavailable(format!("replica cannot serve: {m}")),
         WriteError::Internal(m) => Status::internal(m),
         WriteError::Membership(m) => Status::failed_precondition(m),
     }
+}
+
+/// Adds the leader hint (address and id) to a status, when a leader is known.
+fn with_leader_hint(mut status: Status, leader: Option<(NodeId, String)>) -> Status {
+    if let Some((id, addr)) = leader {
+        if let Ok(v) = MetadataValue::try_from(addr.as_str()) {
+            status.metadata_mut().insert(LEADER_ADDRESS_KEY, v);
+        }
+        if let Ok(v) = MetadataValue::try_from(id.to_string().as_str()) {
+            status.metadata_mut().insert(LEADER_ID_KEY, v);
+        }
+    }
+    status
 }
 
 /// Maps a state-machine rejection.
@@ -100,6 +110,42 @@ mod tests {
                 .and_then(|v| v.to_str().ok()),
             Some("2")
         );
+    }
+
+    #[test]
+    fn a_failed_forward_is_unavailable_with_the_leader_hint_when_one_is_known() {
+        let s = Status::from(ApiError::ForwardFailed {
+            leader: Some((1, "127.0.0.1:7001".into())),
+            cause: "the leader did not answer".into(),
+        });
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(s.message(), "the leader did not answer");
+        assert_eq!(
+            s.metadata()
+                .get(LEADER_ADDRESS_KEY)
+                .and_then(|v| v.to_str().ok()),
+            Some("127.0.0.1:7001")
+        );
+        assert_eq!(
+            s.metadata()
+                .get(LEADER_ID_KEY)
+                .and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+        let s = Status::from(ApiError::ForwardFailed {
+            leader: None,
+            cause: "no leader".into(),
+        });
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.metadata().get(LEADER_ADDRESS_KEY).is_none());
+        assert!(s.metadata().get(LEADER_ID_KEY).is_none());
+    }
+
+    #[test]
+    fn a_passed_deadline_is_deadline_exceeded() {
+        let s = Status::from(ApiError::DeadlineExceeded("too late".into()));
+        assert_eq!(s.code(), Code::DeadlineExceeded);
+        assert_eq!(s.message(), "too late");
     }
 
     #[test]
