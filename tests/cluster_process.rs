@@ -22,6 +22,75 @@ async fn submit_sleep_jobs(client: &Client, n: usize) -> Vec<String> {
     ids
 }
 
+/// A new cluster takes its resource limits from its first leader's flags: a job past
+/// `--max-jobs` is RESOURCE_EXHAUSTED naming the limit and the use, a restart delay below
+/// `--min-restart-delay-ms` is INVALID_ARGUMENT naming the field, and a job that ends
+/// makes room for the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_cluster_enforces_the_resource_limits_of_its_flags() {
+    use dispatcher_testkit::spec::{sleep, JobBuilder};
+    let c = ProcCluster::start_plain(1, &["--max-jobs", "2", "--min-restart-delay-ms", "1000"]);
+    let client = c.client();
+    c.leader(&client, T, "startup").await;
+    let too_fast = || {
+        JobBuilder::new("too-fast")
+            .vertex("work", 1, sleep(60_000))
+            .fixed_delay_restarts(3, 999)
+            .build()
+    };
+    // The limits commit just after the first election; a probe admitted before that is
+    // cancelled again, and an ended job does not count.
+    let refusal = dispatcher_testkit::wait_for(T, "the limits to apply", || async {
+        match client.submit_job(None, too_fast()).await {
+            Ok(r) => {
+                client
+                    .cancel_job(&r.job_id)
+                    .await
+                    .expect("cancel the probe");
+                None
+            }
+            Err(e) => Some(e),
+        }
+    })
+    .await;
+    assert_eq!(
+        refusal.code(),
+        Some(tonic::Code::InvalidArgument),
+        "{refusal}"
+    );
+    assert!(
+        refusal.to_string().contains(
+            "spec.restart_strategy.fixed_delay.delay_ms: must be at least 1000 (cluster limit min_restart_delay_ms)"
+        ),
+        "{refusal}"
+    );
+
+    let first = client
+        .submit_job(None, sleep_job("a", 1))
+        .await
+        .expect("first job");
+    client
+        .submit_job(None, sleep_job("b", 1))
+        .await
+        .expect("second job");
+    let full = client
+        .submit_job(None, sleep_job("c", 1))
+        .await
+        .expect_err("a third job is past --max-jobs 2");
+    assert_eq!(full.code(), Some(tonic::Code::ResourceExhausted), "{full}");
+    let msg = full.to_string();
+    assert!(
+        msg.contains("max_jobs = 2 jobs") && msg.contains("use 2"),
+        "{msg}"
+    );
+
+    client.cancel_job(&first.job_id).await.expect("cancel");
+    client
+        .submit_job(None, sleep_job("c", 1))
+        .await
+        .expect("an ended job makes room");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_elects_another_and_the_old_one_rejoins() {
     let (mut c, client, first) = ProcCluster::start_elected(3, T).await;

@@ -90,7 +90,10 @@ fn submit(job_id: &str, name: &str) -> pb::SubmitJobRequest {
 async fn leader_seen_by(c: &ProcCluster, id: u64, admin: &str) -> Option<u64> {
     let answer = ClusterServiceClient::new(channel(c, &c.procs[&id].addr))
         .status(call(
-            pb::StatusRequest { local_only: true },
+            pb::StatusRequest {
+                local_only: true,
+                with_digest: false,
+            },
             Some(admin),
             Some(Duration::from_secs(2)),
         ))

@@ -61,6 +61,9 @@ impl Proc {
         let child = Command::new(program)
             .args(&self.args)
             .env("DISPATCHER_LOG", "info,openraft=warn")
+            // The workload restarts jobs 100 ms after a failure, below the production
+            // floor of 1 s, to see many restarts per run.
+            .env("DISPATCHER_MIN_RESTART_DELAY_MS", "100")
             .env("TASKMANAGER_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -55,15 +55,6 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     Ok(out)
 }
 
-/// The length of [`encode`]'s output for a value, without building it (for byte
-/// budgets, such as how many log entries fit in one AppendEntries).
-pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<usize, CodecError> {
-    let mut size = bincode::enc::write::SizeWriter::default();
-    bincode::serde::encode_into_writer(value, &mut size, config())
-        .map_err(|e| CodecError::Encode(e.to_string()))?;
-    Ok(1 + size.bytes_written)
-}
-
 /// Decodes a value written by [`encode`], checking the version byte and that every byte
 /// was consumed.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
@@ -80,6 +71,69 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
         return Err(CodecError::Trailing(body.len() - read));
     }
     Ok(value)
+}
+
+/// How many bytes [`encode`] would write for a value after its version byte, counted
+/// without keeping them. Deterministic: it depends on the value and the type only.
+pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<u64, CodecError> {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.saturating_add(buf.len() as u64);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    bincode::serde::encode_into_std_write(value, &mut count, config())
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    Ok(count.0)
+}
+
+/// Reads, in order, values that one [`encode`] wrote as a sequence (a struct's fields are
+/// encoded one after the other), so that a layout which appends fields at its end can be
+/// read without knowing in advance how many were appended: read the fields every layout
+/// has, ask [`Reader::is_empty`], read the next block, and [`Reader::finish`].
+pub struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    /// Checks the version byte and positions the reader after it.
+    pub fn new(bytes: &'a [u8]) -> Result<Self, CodecError> {
+        let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
+        if version != FORMAT_VERSION {
+            return Err(CodecError::UnsupportedVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        Ok(Reader { rest: body })
+    }
+
+    /// Decodes the next value.
+    pub fn read<T: DeserializeOwned>(&mut self) -> Result<T, CodecError> {
+        let (value, read) = bincode::serde::decode_from_slice(self.rest, config())
+            .map_err(|e| CodecError::Malformed(e.to_string()))?;
+        self.rest = self.rest.get(read..).unwrap_or_default();
+        Ok(value)
+    }
+
+    /// Whether every byte has been read.
+    pub fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    /// Ends the reading; bytes left over are an error, as in [`decode`].
+    pub fn finish(self) -> Result<(), CodecError> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(CodecError::Trailing(self.rest.len()))
+        }
+    }
 }
 
 /// Lower-case hex SHA-256 of some bytes.
@@ -102,15 +156,6 @@ mod tests {
     }
 
     #[test]
-    fn encoded_len_is_the_length_of_the_encoding() {
-        let v = (7u64, "seven".repeat(100), vec![9u8; 1000]);
-        assert_eq!(
-            encoded_len(&v).expect("len"),
-            encode(&v).expect("encode").len()
-        );
-    }
-
-    #[test]
     fn newer_versions_empty_input_and_trailing_bytes_are_refused() {
         let mut bytes = encode(&1u32).expect("encode");
         bytes[0] = FORMAT_VERSION + 1;
@@ -124,6 +169,32 @@ mod tests {
         assert!(matches!(
             decode::<u32>(&bytes),
             Err(CodecError::Trailing(1))
+        ));
+    }
+
+    #[test]
+    fn encoded_len_counts_what_encode_writes() {
+        let v = (7u64, "seven".to_string(), vec![1u8; 300]);
+        let bytes = encode(&v).expect("encode");
+        assert_eq!(encoded_len(&v).expect("len"), bytes.len() as u64 - 1);
+    }
+
+    #[test]
+    fn a_reader_reads_a_struct_field_by_field_and_refuses_leftovers() {
+        let bytes = encode(&(5u32, "tail".to_string())).expect("encode");
+        let mut r = Reader::new(&bytes).expect("version");
+        assert_eq!(r.read::<u32>().expect("first"), 5);
+        assert!(!r.is_empty());
+        assert_eq!(r.read::<String>().expect("second"), "tail");
+        assert!(r.is_empty());
+        r.finish().expect("all read");
+
+        let mut r = Reader::new(&bytes).expect("version");
+        r.read::<u32>().expect("first");
+        assert!(matches!(r.finish(), Err(CodecError::Trailing(5))));
+        assert!(matches!(
+            Reader::new(&[FORMAT_VERSION + 1]),
+            Err(CodecError::UnsupportedVersion { .. })
         ));
     }
 

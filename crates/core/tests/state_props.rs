@@ -67,6 +67,11 @@ enum Op {
         ms: u16,
         backwards: bool,
     },
+    SetLimits {
+        jobs: u8,
+        bytes: u8,
+        restarts: u8,
+    },
 }
 
 fn task_state() -> impl Strategy<Value = TaskState> {
@@ -101,6 +106,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..5u8, 0..3u8).prop_map(|(retained, strategy)| Op::SetConfig { retained, strategy }),
         3 => (0..2000u16, prop_oneof![9 => Just(false), 1 => Just(true)])
             .prop_map(|(ms, backwards)| Op::Advance { ms, backwards }),
+        1 => (1..5u8, 0..4u8, 0..3u8).prop_map(|(jobs, bytes, restarts)| Op::SetLimits { jobs, bytes, restarts }),
     ]
 }
 
@@ -339,6 +345,20 @@ fn resolve(state: &DispatcherState, now: &mut Millis, op: &Op) -> Option<Command
                 ..ClusterConfig::default()
             },
         },
+        Op::SetLimits {
+            jobs,
+            bytes,
+            restarts,
+        } => Command::SetResourceLimits {
+            limits: ResourceLimits {
+                max_jobs: u64::from(jobs),
+                // One to a few of the generated specs (20-40 bytes each), or plenty.
+                max_spec_bytes: [50, 100, 250, 1 << 30][usize::from(bytes)],
+                min_restart_delay_ms: [0, 100, 0][usize::from(restarts)],
+                max_restart_attempts: [5, 2, 1][usize::from(restarts)],
+            },
+            bootstrap: false,
+        },
         Op::Advance { ms, backwards } => {
             if backwards {
                 *now = now.saturating_sub(u64::from(ms));
@@ -372,6 +392,12 @@ proptest! {
             }
             if let Err(v) = invariants::check(&state) {
                 prop_assert!(false, "step {} {} ({:?}) broke an invariant: {}", step, name, result, v);
+            }
+            // A job admitted under limits leaves the registry within them (ended jobs made
+            // room if needed), even when the limits were lowered below what it held.
+            if let (Ok(Response::Submitted { created: true, .. }), Some(limits)) = (&result, state.resource_limits()) {
+                prop_assert!(state.job_count() <= limits.max_jobs, "step {}: {} jobs past {:?}", step, state.job_count(), limits);
+                prop_assert!(state.counters().spec_bytes <= limits.max_spec_bytes, "step {}: {} bytes past {:?}", step, state.counters().spec_bytes, limits);
             }
         }
     }
@@ -418,6 +444,7 @@ fn the_generator_reaches_running_restarting_and_terminal_jobs() {
         ),
     );
     let mut seen = std::collections::BTreeSet::new();
+    let (mut refused, mut made_room) = (std::collections::BTreeSet::new(), 0);
     for _ in 0..64 {
         let ops = prop::collection::vec(op(), 100..120)
             .new_tree(&mut runner)
@@ -427,7 +454,18 @@ fn the_generator_reaches_running_restarting_and_terminal_jobs() {
         let mut now = 1_000;
         for op in &ops {
             if let Some(cmd) = resolve(&state, &mut now, op) {
-                let _ = state.apply(cmd);
+                let jobs_before = state.job_count();
+                match state.apply(cmd) {
+                    Err(Rejection::QuotaExceeded { limit, .. }) => {
+                        refused.insert(limit);
+                    }
+                    Ok(Response::Submitted { created: true, .. })
+                        if state.job_count() <= jobs_before =>
+                    {
+                        made_room += 1
+                    }
+                    _ => {}
+                }
                 seen.extend(state.jobs().map(|j| j.state));
             }
         }
@@ -446,4 +484,13 @@ fn the_generator_reaches_running_restarting_and_terminal_jobs() {
             "generated histories never reach {s}: {seen:?}"
         );
     }
+    assert_eq!(
+        refused,
+        ["max_jobs".to_string(), "max_spec_bytes".to_string()].into(),
+        "generated histories must hit both registry limits"
+    );
+    assert!(
+        made_room > 0,
+        "no generated submission ever removed an ended job"
+    );
 }

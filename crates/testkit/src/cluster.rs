@@ -266,6 +266,9 @@ impl ProcCluster {
                 std::env::var("TEST_DISPATCHER_LOG")
                     .unwrap_or_else(|_| "info,openraft=warn".into()),
             )
+            // Tests restart jobs after 100-200 ms to stay fast, below the production floor
+            // of 1 s; a test that wants the floor passes --min-restart-delay-ms.
+            .env("DISPATCHER_MIN_RESTART_DELAY_MS", "0")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

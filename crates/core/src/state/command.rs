@@ -53,6 +53,44 @@ impl Default for ClusterConfig {
     }
 }
 
+/// Bounds on what the registry holds and on restart strategies, so that no client can
+/// grow the state (and every replica's memory) without bound or make a job restart in a
+/// tight loop forever.
+///
+/// Kept apart from [`ClusterConfig`] because the codec is not self-describing: a field
+/// added there would make every log entry and snapshot written before unreadable. These
+/// limits travel in their own command ([`Command::SetResourceLimits`]) and their own
+/// snapshot block. A state that never applied that command has no limits, exactly as
+/// before they existed, so that replaying an old log gives the state it gave then.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceLimits {
+    /// Most jobs in the registry, ended ones included (they hold memory until purged).
+    /// Ended jobs are removed early, oldest first, to make room for a new one, so only
+    /// jobs that have not ended can exhaust it.
+    pub max_jobs: u64,
+    /// Most bytes of job specs in the registry (each spec measured as its encoded
+    /// length), with the same early removal of ended jobs.
+    pub max_spec_bytes: u64,
+    /// Smallest `delay_ms` of a fixed-delay restart strategy.
+    pub min_restart_delay_ms: u64,
+    /// Largest `attempts` of a fixed-delay restart strategy.
+    pub max_restart_attempts: u32,
+}
+
+impl Default for ResourceLimits {
+    /// What a new cluster starts with: room for far more jobs than one leader schedules
+    /// comfortably, about a gigabyte of specs per replica, and restarts at most once a
+    /// second, a thousand times.
+    fn default() -> Self {
+        ResourceLimits {
+            max_jobs: 100_000,
+            max_spec_bytes: 1 << 30,
+            min_restart_delay_ms: 1_000,
+            max_restart_attempts: 1_000,
+        }
+    }
+}
+
 /// A report of one task attempt's state, as a TaskManager observed it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskReport {
@@ -200,6 +238,17 @@ pub enum Command {
         /// Its name.
         name: String,
     },
+    /// Set the resource limits. With `bootstrap`, only when the state has none yet, so
+    /// that every leader may propose its configured defaults and only the first counts.
+    /// Limits below what the registry holds already refuse new jobs until enough end;
+    /// nothing is removed for them. (New variants go at the end: the log stores a
+    /// variant by its position.)
+    SetResourceLimits {
+        /// The limits.
+        limits: ResourceLimits,
+        /// Set only if no limits are set yet.
+        bootstrap: bool,
+    },
 }
 
 impl Command {
@@ -222,6 +271,7 @@ impl Command {
             Command::RegisterTaskManagerAs { .. } => "RegisterTaskManager",
             Command::CreateToken { .. } => "CreateToken",
             Command::RevokeToken { .. } => "RevokeToken",
+            Command::SetResourceLimits { .. } => "SetResourceLimits",
         }
     }
 
@@ -338,6 +388,11 @@ pub enum Response {
     TokenRevoked {
         /// The token's name.
         name: String,
+    },
+    /// SetResourceLimits: `applied` is false for a bootstrap when limits were set already.
+    LimitsSet {
+        /// Whether this command set them.
+        applied: bool,
     },
 }
 
@@ -483,6 +538,21 @@ pub enum Rejection {
         /// Who registered it.
         owner: String,
     },
+    /// Admitting the job would take the registry past a resource limit. Only jobs that
+    /// have not ended count here: ended ones are removed early to make room.
+    #[error("job refused: cluster limit {limit} = {max} {unit} would be exceeded (jobs that have not ended use {in_use}, this job needs {needs}); cancel jobs or wait for some to end, ended jobs make room by themselves")]
+    QuotaExceeded {
+        /// The limit's name in [`ResourceLimits`], e.g. `max_spec_bytes`.
+        limit: String,
+        /// Its value.
+        max: u64,
+        /// What it counts (`jobs`, `bytes`).
+        unit: String,
+        /// How much of it jobs that have not ended use.
+        in_use: u64,
+        /// How much of it the refused job needs.
+        needs: u64,
+    },
 }
 
 impl Rejection {
@@ -504,4 +574,8 @@ pub struct Counters {
     pub free_slots: u64,
     /// Jobs per state.
     pub jobs_by_state: BTreeMap<JobState, u64>,
+    /// Encoded bytes of the specs of every job in the registry.
+    pub spec_bytes: u64,
+    /// The part of `spec_bytes` that jobs which have not ended hold.
+    pub active_spec_bytes: u64,
 }

@@ -17,15 +17,19 @@ mod validate;
 #[cfg(test)]
 mod access_tests;
 #[cfg(test)]
+mod limits_tests;
+#[cfg(test)]
 mod tests;
 
 pub use access::{hash_secret, Permission, Role, Token};
 pub use command::{
-    ClusterConfig, Command, Counters, Rejection, ReportOutcome, Response, TaskReport,
+    ClusterConfig, Command, Counters, Rejection, ReportOutcome, ResourceLimits, Response,
+    TaskReport,
 };
 pub use machine::{Assignment, DispatcherState, PendingReason, PendingReasons, StateView};
 pub use placement::{Capacity, SlotIndex};
 pub use types::*;
 pub use validate::{
-    validate_cluster_config, validate_job_spec, validate_task_manager, validate_token,
+    validate_cluster_config, validate_job_spec, validate_resource_limits, validate_task_manager,
+    validate_token,
 };

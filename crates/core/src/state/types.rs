@@ -443,6 +443,11 @@ pub struct Job {
     pub tasks: Vec<Task>,
     /// Checkpoint counter and completed checkpoints.
     pub checkpoints: Checkpoints,
+    /// The spec's encoded length, what it counts against `max_spec_bytes`. Derived:
+    /// set at submission and recomputed on restore, never encoded (so snapshots written
+    /// before it existed still read, and its absence cannot disagree with the spec).
+    #[serde(skip)]
+    pub spec_bytes: u64,
 }
 
 impl Job {

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::access::{Role, Token};
-use super::command::{ClusterConfig, Rejection};
+use super::command::{ClusterConfig, Rejection, ResourceLimits};
 use super::types::{JobSpec, RestartStrategy, TaskManagerSpec, TaskSpec};
 
 fn check_str(field: &str, value: &str, limits: &ClusterConfig) -> Result<(), Rejection> {
@@ -183,7 +183,7 @@ pub fn validate_job_spec(spec: &JobSpec, limits: &ClusterConfig) -> Result<(), R
     if let RestartStrategy::FixedDelay { delay_ms, .. } = spec.restart {
         // A day is far beyond any sane restart delay and keeps `now + delay` from
         // overflowing.
-        if delay_ms > 24 * 60 * 60 * 1000 {
+        if delay_ms > MAX_RESTART_DELAY_MS {
             return Err(Rejection::invalid(
                 "spec.restart_strategy.fixed_delay.delay_ms",
                 "must be at most one day (86400000 ms)",
@@ -297,6 +297,62 @@ pub fn validate_cluster_config(config: &ClusterConfig) -> Result<(), Rejection> 
         return Err(Rejection::invalid(
             "config.max_string_len",
             "must be at most 1 MiB",
+        ));
+    }
+    Ok(())
+}
+
+/// Longest restart delay a job may ask for; it also keeps `now + delay` from overflowing.
+const MAX_RESTART_DELAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Checks resource limits for values that would refuse every job or every restart
+/// strategy.
+pub fn validate_resource_limits(limits: &ResourceLimits) -> Result<(), Rejection> {
+    if limits.max_jobs == 0 {
+        return Err(Rejection::invalid("limits.max_jobs", "must be at least 1"));
+    }
+    if limits.max_spec_bytes == 0 {
+        return Err(Rejection::invalid(
+            "limits.max_spec_bytes",
+            "must be at least 1",
+        ));
+    }
+    if limits.min_restart_delay_ms > MAX_RESTART_DELAY_MS {
+        return Err(Rejection::invalid(
+            "limits.min_restart_delay_ms",
+            format!("must be at most one day ({MAX_RESTART_DELAY_MS} ms), the longest delay a job may ask for"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a job's restart strategy against the cluster's floor on delays and cap on
+/// attempts. Refused rather than clamped: a job that silently restarts less often or
+/// fewer times than its spec says would surprise its owner.
+pub(super) fn validate_restart_limits(
+    spec: &JobSpec,
+    limits: &ResourceLimits,
+) -> Result<(), Rejection> {
+    let RestartStrategy::FixedDelay { attempts, delay_ms } = spec.restart else {
+        return Ok(());
+    };
+    if attempts > limits.max_restart_attempts {
+        return Err(Rejection::invalid(
+            "spec.restart_strategy.fixed_delay.attempts",
+            format!(
+                "must be at most {} (cluster limit max_restart_attempts)",
+                limits.max_restart_attempts
+            ),
+        ));
+    }
+    // With no attempt the delay is never waited, so any value is harmless.
+    if attempts > 0 && delay_ms < limits.min_restart_delay_ms {
+        return Err(Rejection::invalid(
+            "spec.restart_strategy.fixed_delay.delay_ms",
+            format!(
+                "must be at least {} (cluster limit min_restart_delay_ms)",
+                limits.min_restart_delay_ms
+            ),
         ));
     }
     Ok(())

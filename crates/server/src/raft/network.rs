@@ -611,7 +611,10 @@ impl PeerClient {
     /// Sends `rpc` in a task of its own, with a timeout sized to its bytes, so that it
     /// goes on when openraft stops waiting.
     fn start(&self, rpc: AppendEntriesRequest<TypeConfig>, interval: Duration) -> append::Done {
-        let bytes = codec::encoded_len(&rpc).unwrap_or(MAX_RAFT_MESSAGE);
+        let bytes = codec::encoded_len(&rpc)
+            .ok()
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(MAX_RAFT_MESSAGE);
         let timeout = append::call_timeout(interval, bytes);
         let (tx, rx) = watch::channel(None);
         let key = append::Key::of(&rpc);

@@ -10,6 +10,8 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use dispatcher_core::state::ResourceLimits;
+
 use crate::leader::LivenessSettings;
 use crate::raft::replica::RaftSettings;
 use crate::raft::NodeId;
@@ -147,6 +149,23 @@ pub struct Args {
     /// Most concurrent calls (HTTP/2 streams) on one connection (default 256).
     #[arg(long, env = "DISPATCHER_MAX_STREAMS_PER_CONNECTION")]
     pub max_streams_per_connection: Option<u32>,
+    /// Resource limit of a new cluster: most jobs in the registry that have not ended
+    /// (default 100000). Like the three below, it seeds the replicated limits once, when
+    /// the first leader finds none; later starts with other values change nothing.
+    #[arg(long, env = "DISPATCHER_MAX_JOBS")]
+    pub max_jobs: Option<u64>,
+    /// Resource limit of a new cluster: most bytes of job specs (encoded) that jobs which
+    /// have not ended hold (default 1073741824, 1 GiB).
+    #[arg(long, env = "DISPATCHER_MAX_SPEC_BYTES")]
+    pub max_spec_bytes: Option<u64>,
+    /// Resource limit of a new cluster: smallest restart delay a job may ask for, in
+    /// milliseconds (default 1000).
+    #[arg(long, env = "DISPATCHER_MIN_RESTART_DELAY_MS")]
+    pub min_restart_delay_ms: Option<u64>,
+    /// Resource limit of a new cluster: most restart attempts a job may ask for
+    /// (default 1000).
+    #[arg(long, env = "DISPATCHER_MAX_RESTART_ATTEMPTS")]
+    pub max_restart_attempts: Option<u32>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -174,6 +193,10 @@ struct FileConfig {
     insecure: Option<bool>,
     max_connections: Option<usize>,
     max_streams_per_connection: Option<u32>,
+    max_jobs: Option<u64>,
+    max_spec_bytes: Option<u64>,
+    min_restart_delay_ms: Option<u64>,
+    max_restart_attempts: Option<u32>,
 }
 
 /// A validated replica configuration.
@@ -211,6 +234,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Most concurrent calls on one connection.
     pub max_streams_per_connection: u32,
+    /// The resource limits this replica proposes when it leads a cluster that has none
+    /// yet (a new cluster, or one from before limits existed).
+    pub resource_limits: ResourceLimits,
 }
 
 /// Default of `--max-connections`.
@@ -397,6 +423,24 @@ impl Args {
                 .max_streams_per_connection
                 .or(file.max_streams_per_connection)
                 .unwrap_or(DEFAULT_MAX_STREAMS_PER_CONNECTION),
+            resource_limits: {
+                let d = ResourceLimits::default();
+                ResourceLimits {
+                    max_jobs: self.max_jobs.or(file.max_jobs).unwrap_or(d.max_jobs),
+                    max_spec_bytes: self
+                        .max_spec_bytes
+                        .or(file.max_spec_bytes)
+                        .unwrap_or(d.max_spec_bytes),
+                    min_restart_delay_ms: self
+                        .min_restart_delay_ms
+                        .or(file.min_restart_delay_ms)
+                        .unwrap_or(d.min_restart_delay_ms),
+                    max_restart_attempts: self
+                        .max_restart_attempts
+                        .or(file.max_restart_attempts)
+                        .unwrap_or(d.max_restart_attempts),
+                }
+            },
             liveness: {
                 let d = LivenessSettings::default();
                 LivenessSettings {
@@ -471,6 +515,17 @@ impl ServerConfig {
                     l.heartbeat_interval.as_millis()
                 ),
             ));
+        }
+        if let Err(dispatcher_core::state::Rejection::Invalid { field, reason }) =
+            dispatcher_core::state::validate_resource_limits(&self.resource_limits)
+        {
+            let setting = match field.as_str() {
+                "limits.max_jobs" => "--max-jobs",
+                "limits.max_spec_bytes" => "--max-spec-bytes",
+                "limits.min_restart_delay_ms" => "--min-restart-delay-ms",
+                _ => "--max-restart-attempts",
+            };
+            return Err(invalid(setting, reason));
         }
         if self.cluster_name.trim().is_empty() {
             return Err(invalid("--cluster-name", "must not be empty"));
@@ -566,6 +621,48 @@ mod tests {
             ..args()
         });
         assert!(m.contains("--advertise"), "{m}");
+    }
+
+    #[test]
+    fn resource_limits_default_to_production_values_and_come_from_flags_or_the_file() {
+        assert_eq!(
+            args().into_config().expect("valid").resource_limits,
+            ResourceLimits::default()
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("replica.toml");
+        std::fs::write(
+            &path,
+            "max_jobs = 50
+min_restart_delay_ms = 10
+",
+        )
+        .expect("write");
+        let c = Args {
+            config: Some(path),
+            max_jobs: Some(7),
+            max_restart_attempts: Some(3),
+            ..args()
+        }
+        .into_config()
+        .expect("valid");
+        assert_eq!(
+            c.resource_limits,
+            ResourceLimits {
+                max_jobs: 7,
+                min_restart_delay_ms: 10,
+                max_restart_attempts: 3,
+                ..ResourceLimits::default()
+            }
+        );
+        let m = Args {
+            max_jobs: Some(0),
+            ..args()
+        }
+        .into_config()
+        .expect_err("no job could ever be submitted")
+        .to_string();
+        assert!(m.contains("--max-jobs") && m.contains("at least 1"), "{m}");
     }
 
     #[test]

@@ -74,7 +74,10 @@ impl JobServer {
         {
             let g = self.edge.replica.state.read();
             match g.state.job(&job_id) {
-                None => state::validate_job_spec(&spec, g.state.config())?,
+                // Validity, restart limits and room in the registry, as apply decides.
+                None => {
+                    g.state.check_new_job(&spec)?;
+                }
                 // A caller who may not see env values must not learn them either: the
                 // answer to a resubmission cannot depend on whether a guessed value is
                 // right, so it is decided on the specs without their env values.

@@ -147,6 +147,10 @@ pub async fn serve(
     if let Some(hash) = config.bootstrap_token_hash.clone() {
         tokio::spawn(bootstrap_token(replica.clone(), hash));
     }
+    tokio::spawn(bootstrap_limits(
+        replica.clone(),
+        config.resource_limits.clone(),
+    ));
     let (health, health_service) = tonic_health::server::health_reporter();
     // tonic-health starts the server as SERVING; nothing is served before a leader is known.
     health
@@ -322,6 +326,44 @@ async fn bootstrap_token(replica: Replica, hash: String) {
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "bootstrap token not committed yet; retrying")
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if replica.raft.metrics().borrow().state == openraft::ServerState::Shutdown {
+            return;
+        }
+    }
+}
+
+/// Sets the cluster's resource limits from this replica's flags once it leads, unless
+/// the cluster has limits already (then the command is a no-op in the state machine, so
+/// a restart or another replica's different flags change nothing). A cluster whose log
+/// predates limits gets them this way too, from its first leader after the upgrade.
+async fn bootstrap_limits(replica: Replica, limits: dispatcher_core::state::ResourceLimits) {
+    use dispatcher_core::state::{Command, Response};
+    loop {
+        if replica.state.read().state.resource_limits().is_some() {
+            return;
+        }
+        if replica.leader().is_some_and(|(id, _)| id == replica.id) {
+            let cmd = Command::SetResourceLimits {
+                limits: limits.clone(),
+                bootstrap: true,
+            };
+            match replica.propose(cmd).await {
+                Ok(Ok(Response::LimitsSet { applied })) => {
+                    if applied {
+                        tracing::info!(?limits, "set the cluster's resource limits");
+                    }
+                    return;
+                }
+                Ok(other) => {
+                    tracing::error!(outcome = ?other, "the resource limits were refused");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "resource limits not committed yet; retrying")
                 }
             }
         }

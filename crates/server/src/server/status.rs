@@ -84,6 +84,7 @@ fn rejection(r: &Rejection) -> Status {
         Rejection::TokenExists { .. } => Code::AlreadyExists,
         Rejection::UnknownToken { .. } => Code::NotFound,
         Rejection::TaskManagerOwned { .. } => Code::PermissionDenied,
+        Rejection::QuotaExceeded { .. } => Code::ResourceExhausted,
     };
     Status::new(code, r.to_string())
 }
@@ -188,6 +189,25 @@ mod tests {
             Status::from(ApiError::Unauthenticated("no token".into())).code(),
             Code::Unauthenticated
         );
+    }
+
+    #[test]
+    fn a_job_past_a_resource_limit_is_resource_exhausted_naming_the_limit_and_the_use() {
+        let s = Status::from(ApiError::from(Rejection::QuotaExceeded {
+            limit: "max_spec_bytes".into(),
+            max: 1 << 30,
+            unit: "bytes".into(),
+            in_use: 1_073_000_000,
+            needs: 4_194_330,
+        }));
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(
+            s.message().contains("max_spec_bytes = 1073741824 bytes"),
+            "{}",
+            s.message()
+        );
+        assert!(s.message().contains("use 1073000000"), "{}", s.message());
+        assert!(s.message().contains("needs 4194330"), "{}", s.message());
     }
 
     #[test]

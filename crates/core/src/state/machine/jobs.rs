@@ -1,19 +1,100 @@
-//! Job lifecycle: submission, cancellation, task failure and the restart strategy,
-//! restarts, winding down (settle), purging terminal jobs, and the one function that moves
-//! a job's state and its counters.
+//! Job lifecycle: submission and the resource limits it is held to, cancellation, task
+//! failure and the restart strategy, restarts, winding down (settle), purging terminal
+//! jobs, and the one function that moves a job's state and its counters.
+//!
+//! Resource limits count jobs that have not ended against `max_jobs` and
+//! `max_spec_bytes`; ended jobs still hold memory until purged, so a submission that
+//! needs their room removes the oldest of them first (as Flink's job store evicts its
+//! oldest finished jobs past `jobstore.max-capacity`). A registry full of finished jobs
+//! thus never refuses work, and the registry never holds more than the limits.
 //!
 //! Nothing here does I/O, reads a clock or draws a random number: every time is a
 //! command's `now`, passed through `tick`.
 
 use super::queue::queue_key;
 use super::DispatcherState;
+use crate::codec;
 use crate::state::command::{Rejection, Response};
 use crate::state::types::{
     Checkpoints, Job, JobId, JobSpec, JobState, Millis, RestartStrategy, Task, TaskKey, TaskState,
 };
-use crate::state::validate::validate_job_spec;
+use crate::state::validate::{validate_job_spec, validate_restart_limits};
+
+/// What a spec counts against `max_spec_bytes`: its encoded length, the same on every
+/// replica and close to what it costs in the log and in snapshots.
+pub(super) fn spec_bytes(spec: &JobSpec) -> u64 {
+    // Encoding these types cannot fail (every sequence and map knows its length); were it
+    // to, the spec would count as too big for any limit, alike on every replica.
+    codec::encoded_len(spec).unwrap_or(u64::MAX)
+}
 
 impl DispatcherState {
+    /// Whether a new job with this spec is admitted now, as SubmitJob decides it: the
+    /// spec is valid, its restart strategy is within the limits, and the jobs that have
+    /// not ended leave room for it. Returns the spec's size in bytes. The gRPC layer asks
+    /// before proposing, so that nothing refused reaches the log; `apply` asks again.
+    pub fn check_new_job(&self, spec: &JobSpec) -> Result<u64, Rejection> {
+        validate_job_spec(spec, &self.config)?;
+        let bytes = spec_bytes(spec);
+        let Some(limits) = &self.limits else {
+            return Ok(bytes);
+        };
+        validate_restart_limits(spec, limits)?;
+        let active_jobs = self.active_job_count();
+        if active_jobs >= limits.max_jobs {
+            return Err(Rejection::QuotaExceeded {
+                limit: "max_jobs".into(),
+                max: limits.max_jobs,
+                unit: "jobs".into(),
+                in_use: active_jobs,
+                needs: 1,
+            });
+        }
+        let active_bytes = self.counters.active_spec_bytes;
+        if active_bytes.saturating_add(bytes) > limits.max_spec_bytes {
+            return Err(Rejection::QuotaExceeded {
+                limit: "max_spec_bytes".into(),
+                max: limits.max_spec_bytes,
+                unit: "bytes".into(),
+                in_use: active_bytes,
+                needs: bytes,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Removes ended jobs, oldest first, until a new job of `bytes` fits the limits.
+    /// `check_new_job` made sure that removing every ended job would be enough.
+    fn make_room(&mut self, bytes: u64) {
+        let Some(limits) = &self.limits else {
+            return;
+        };
+        let (max_jobs, max_bytes) = (limits.max_jobs, limits.max_spec_bytes);
+        while self.jobs.len() as u64 >= max_jobs
+            || self.counters.spec_bytes.saturating_add(bytes) > max_bytes
+        {
+            let Some((_, id)) = self.terminal.pop_first() else {
+                break;
+            };
+            self.remove_job(&id);
+        }
+    }
+
+    /// Drops a job from the registry and its counters (the caller has taken it out of
+    /// the terminal index).
+    fn remove_job(&mut self, id: &JobId) {
+        if let Some(job) = self.jobs.remove(id) {
+            self.count_state(Some(job.state), None);
+            self.counters.spec_bytes = self.counters.spec_bytes.saturating_sub(job.spec_bytes);
+            if !job.state.is_terminal() {
+                self.counters.active_spec_bytes = self
+                    .counters
+                    .active_spec_bytes
+                    .saturating_sub(job.spec_bytes);
+            }
+        }
+    }
+
     pub(super) fn submit(
         &mut self,
         job_id: JobId,
@@ -32,7 +113,8 @@ impl DispatcherState {
                 Err(Rejection::AlreadyExists { job_id })
             };
         }
-        validate_job_spec(&spec, &self.config)?;
+        let bytes = self.check_new_job(&spec)?;
+        self.make_room(bytes);
         let now = self.tick(now);
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -72,8 +154,11 @@ impl DispatcherState {
                 next_id: 1,
                 completed: Vec::new(),
             },
+            spec_bytes: bytes,
         };
         self.count_state(None, Some(JobState::Created));
+        self.counters.spec_bytes = self.counters.spec_bytes.saturating_add(bytes);
+        self.counters.active_spec_bytes = self.counters.active_spec_bytes.saturating_add(bytes);
         self.queue.insert(queue_key(&job));
         self.jobs.insert(job_id.clone(), job);
         // Capacity has not changed since the queue was last tried, so only the newcomer
@@ -230,9 +315,7 @@ impl DispatcherState {
                 break;
             }
             self.terminal.pop_first();
-            if let Some(job) = self.jobs.remove(&id) {
-                self.count_state(Some(job.state), None);
-            }
+            self.remove_job(&id);
             purged.push(id);
         }
         Response::Purged { jobs: purged }
@@ -265,6 +348,12 @@ impl DispatcherState {
         if to.is_terminal() {
             job.finished_at = Some(now);
             self.terminal.insert((now, job_id.clone()));
+            if !from.is_terminal() {
+                self.counters.active_spec_bytes = self
+                    .counters
+                    .active_spec_bytes
+                    .saturating_sub(job.spec_bytes);
+            }
         }
         self.count_state(Some(from), Some(to));
     }

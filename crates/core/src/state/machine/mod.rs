@@ -10,7 +10,8 @@
 //! the command clock. The rest of `impl DispatcherState` is split by concern:
 //! - `queries`: read-only accessors (jobs, TaskManagers, assignments, due work);
 //! - `snapshot`: the canonical encoding, digest, restore and the rebuild of indexes;
-//! - `jobs`: job lifecycle (submit, cancel, failure, restart, settle, purge);
+//! - `jobs`: job lifecycle (submit and its resource limits, cancel, failure, restart,
+//!   settle, purge);
 //! - `task_managers`: registration and removal of TaskManagers;
 //! - `reports`: task state reports from TaskManagers;
 //! - `checkpoints`: checkpoint ids and completed-checkpoint pointers;
@@ -34,10 +35,10 @@ mod task_managers;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::access::Token;
-use super::command::{ClusterConfig, Command, Counters, Rejection, Response};
+use super::command::{ClusterConfig, Command, Counters, Rejection, ResourceLimits, Response};
 use super::placement::SlotIndex;
 use super::types::{Job, JobId, Millis, TaskManager, TaskManagerId};
-use super::validate::validate_cluster_config;
+use super::validate::{validate_cluster_config, validate_resource_limits};
 
 pub use pending::{PendingReason, PendingReasons};
 pub use queries::Assignment;
@@ -61,6 +62,9 @@ pub struct DispatcherState {
     tokens: BTreeMap<String, Token>,
     /// Who registered each live TaskManager (only registrations made with a token).
     owners: BTreeMap<TaskManagerId, String>,
+    /// Bounds on the registry and on restart strategies; `None` until a
+    /// SetResourceLimits command sets them (a state from before they existed has none).
+    limits: Option<ResourceLimits>,
 
     // Derived, never encoded.
     token_hashes: BTreeMap<String, String>,
@@ -120,6 +124,14 @@ impl DispatcherState {
                 self.retain_checkpoints(config.max_retained_checkpoints as usize);
                 self.config = config;
                 Ok(Response::ConfigSet)
+            }
+            Command::SetResourceLimits { limits, bootstrap } => {
+                validate_resource_limits(&limits)?;
+                if bootstrap && self.limits.is_some() {
+                    return Ok(Response::LimitsSet { applied: false });
+                }
+                self.limits = Some(limits);
+                Ok(Response::LimitsSet { applied: true })
             }
             Command::Batch(commands) => {
                 if let Some(i) = commands.iter().position(|c| matches!(c, Command::Batch(_))) {

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::DispatcherState;
-use crate::state::command::{ClusterConfig, Counters};
+use crate::state::command::{ClusterConfig, Counters, ResourceLimits};
 use crate::state::types::{
     Attempt, Job, JobId, JobState, Millis, TaskManager, TaskManagerId, TaskRef, TaskSpec,
 };
@@ -31,6 +31,22 @@ impl DispatcherState {
     /// The cluster configuration.
     pub fn config(&self) -> &ClusterConfig {
         &self.config
+    }
+
+    /// The resource limits, or `None` while no SetResourceLimits command has set them
+    /// (then nothing is bounded, as before limits existed).
+    pub fn resource_limits(&self) -> Option<&ResourceLimits> {
+        self.limits.as_ref()
+    }
+
+    /// Jobs in the registry, ended ones included.
+    pub fn job_count(&self) -> u64 {
+        self.jobs.len() as u64
+    }
+
+    /// Jobs in the registry that have not ended: what counts against `max_jobs`.
+    pub fn active_job_count(&self) -> u64 {
+        self.job_count().saturating_sub(self.terminal.len() as u64)
     }
 
     /// Largest leader time accepted so far.

@@ -4,23 +4,29 @@
 //! Only the primary data is encoded, in ordered maps, so equal states give equal bytes on
 //! every replica. Nothing here does I/O, reads a clock or draws a random number.
 //!
-//! Layout versions: the first layout (version 1) holds config, clock, sequence, cursor,
-//! jobs and TaskManagers. Version 2 appends the access block (tokens, TaskManager
-//! owners), and is written only when that block is not empty: a cluster that never used
-//! tokens keeps writing version 1, byte for byte, so its digests are unchanged and an
-//! older build can still read it. Decoding tries version 2, then version 1; neither can
-//! be mistaken for the other (version 1 bytes end before the access block, and version 2
-//! bytes leave the block as trailing bytes to a version 1 reader).
+//! Layout versions: each version appends one block to the one before, and a state is
+//! written in the oldest layout that holds all of it, so that a cluster which never used
+//! a newer feature keeps writing the older layout byte for byte (its digests unchanged,
+//! an older build still able to read it).
+//! - Version 1: config, clock, sequence, cursor, jobs and TaskManagers.
+//! - Version 2: the access block (tokens, TaskManager owners); written when either is
+//!   not empty or a later block follows.
+//! - Version 3: the resource limits; written once limits are set.
+//!
+//! Decoding reads the version 1 fields and then each block while bytes remain, so a
+//! restore decodes once whatever the layout; bytes left after the last known block are
+//! refused (a newer layout, or corruption).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::jobs::spec_bytes;
 use super::queue::{queue_key, QueueKey};
 use super::DispatcherState;
 use crate::codec::{self, CodecError};
 use crate::state::access::Token;
-use crate::state::command::{ClusterConfig, Counters, Rejection, Response};
+use crate::state::command::{ClusterConfig, Counters, Rejection, ResourceLimits, Response};
 use crate::state::placement::SlotIndex;
 use crate::state::types::{Job, JobId, Millis, TaskManager, TaskManagerId};
 
@@ -43,6 +49,13 @@ struct EncodedV2<'a> {
     owners: &'a BTreeMap<TaskManagerId, String>,
 }
 
+/// Layout version 3: version 2 followed by the resource limits.
+#[derive(Serialize)]
+struct EncodedV3<'a> {
+    v2: EncodedV2<'a>,
+    limits: &'a ResourceLimits,
+}
+
 #[derive(Deserialize)]
 struct Decoded {
     config: ClusterConfig,
@@ -51,13 +64,6 @@ struct Decoded {
     rr_cursor: Option<TaskManagerId>,
     jobs: imbl::OrdMap<JobId, Job>,
     task_managers: imbl::OrdMap<TaskManagerId, TaskManager>,
-}
-
-#[derive(Deserialize)]
-struct DecodedV2 {
-    base: Decoded,
-    tokens: BTreeMap<String, Token>,
-    owners: BTreeMap<TaskManagerId, String>,
 }
 
 /// The primary data of a state at one applied index, taken in O(1) (the big maps are
@@ -74,6 +80,7 @@ pub struct StateView {
     task_managers: imbl::OrdMap<TaskManagerId, TaskManager>,
     tokens: BTreeMap<String, Token>,
     owners: BTreeMap<TaskManagerId, String>,
+    limits: Option<ResourceLimits>,
 }
 
 impl StateView {
@@ -88,14 +95,17 @@ impl StateView {
             jobs: &self.jobs,
             task_managers: &self.task_managers,
         };
-        if self.tokens.is_empty() && self.owners.is_empty() {
-            codec::encode(&base)
-        } else {
-            codec::encode(&EncodedV2 {
-                base,
-                tokens: &self.tokens,
-                owners: &self.owners,
-            })
+        if self.limits.is_none() && self.tokens.is_empty() && self.owners.is_empty() {
+            return codec::encode(&base);
+        }
+        let v2 = EncodedV2 {
+            base,
+            tokens: &self.tokens,
+            owners: &self.owners,
+        };
+        match &self.limits {
+            Some(limits) => codec::encode(&EncodedV3 { v2, limits }),
+            None => codec::encode(&v2),
         }
     }
 
@@ -118,6 +128,7 @@ impl DispatcherState {
             task_managers: self.task_managers.clone(),
             tokens: self.tokens.clone(),
             owners: self.owners.clone(),
+            limits: self.limits.clone(),
         }
     }
 
@@ -127,17 +138,20 @@ impl DispatcherState {
         self.view().encode()
     }
 
-    /// Restores a state from its canonical encoding (either layout), rebuilding the
+    /// Restores a state from its canonical encoding (any layout), rebuilding the
     /// indexes.
     pub fn restore(bytes: &[u8]) -> Result<Self, CodecError> {
-        let (d, tokens, owners) = match codec::decode::<DecodedV2>(bytes) {
-            Ok(v2) => (v2.base, v2.tokens, v2.owners),
-            Err(v2_error) => match codec::decode::<Decoded>(bytes) {
-                Ok(v1) => (v1, BTreeMap::new(), BTreeMap::new()),
-                // Neither layout: report the newer one's complaint.
-                Err(_) => return Err(v2_error),
-            },
-        };
+        let mut r = codec::Reader::new(bytes)?;
+        let d: Decoded = r.read()?;
+        let (mut tokens, mut owners, mut limits) = (BTreeMap::new(), BTreeMap::new(), None);
+        if !r.is_empty() {
+            tokens = r.read()?;
+            owners = r.read()?;
+        }
+        if !r.is_empty() {
+            limits = Some(r.read()?);
+        }
+        r.finish()?;
         let mut s = DispatcherState {
             config: d.config,
             clock: d.clock,
@@ -147,6 +161,7 @@ impl DispatcherState {
             task_managers: d.task_managers,
             tokens,
             owners,
+            limits,
             ..Default::default()
         };
         s.rebuild_indexes();
@@ -173,7 +188,21 @@ impl DispatcherState {
             self.counters.total_slots += u64::from(tm.spec.slots);
             self.counters.free_slots += u64::from(free);
         }
-        for job in self.jobs.values() {
+        let ids: Vec<JobId> = self.jobs.keys().cloned().collect();
+        for id in ids {
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            // Never encoded: recomputed here, so it is right for snapshots written before
+            // it existed too.
+            job.spec_bytes = spec_bytes(&job.spec);
+            self.counters.spec_bytes = self.counters.spec_bytes.saturating_add(job.spec_bytes);
+            if !job.state.is_terminal() {
+                self.counters.active_spec_bytes = self
+                    .counters
+                    .active_spec_bytes
+                    .saturating_add(job.spec_bytes);
+            }
             *self.counters.jobs_by_state.entry(job.state).or_default() += 1;
             if job.awaits_placement() {
                 self.queue.insert(queue_key(job));
@@ -198,6 +227,7 @@ impl DispatcherState {
             task_managers: self.task_managers.clone(),
             tokens: self.tokens.clone(),
             owners: self.owners.clone(),
+            limits: self.limits.clone(),
             ..Default::default()
         };
         fresh.rebuild_indexes();
@@ -238,6 +268,11 @@ impl DispatcherState {
             restored.tokens.insert(name, token);
         }
         restored.rebuild_token_index();
+        // A backup from before limits existed keeps the new cluster's limits, or the
+        // restore would silently lift them.
+        if restored.limits.is_none() {
+            restored.limits = self.limits.take();
+        }
         *self = restored;
         Ok(Response::Restored {
             jobs: self.jobs.len() as u64,
@@ -255,4 +290,102 @@ pub(crate) struct DerivedView {
     restarts: BTreeSet<(Millis, JobId)>,
     terminal: BTreeSet<(Millis, JobId)>,
     counters: Counters,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Command, JobSpec, Role, TaskSpec};
+
+    fn job(n: u32) -> JobId {
+        JobId::parse(&format!("00000000-0000-4000-8000-{n:012}")).expect("uuid")
+    }
+
+    /// A state with jobs (one ended), a token and limits: every block of every layout.
+    fn full_state() -> DispatcherState {
+        let mut s = DispatcherState::new(ClusterConfig::default());
+        let token = Token {
+            name: "root".into(),
+            role: Role::Admin,
+            hash: "a".repeat(64),
+            task_managers: vec![],
+            created_at: 5,
+        };
+        let commands = [
+            Command::CreateToken {
+                token,
+                bootstrap: true,
+            },
+            Command::SetResourceLimits {
+                limits: ResourceLimits::default(),
+                bootstrap: true,
+            },
+            Command::SubmitJob {
+                job_id: job(1),
+                spec: JobSpec::single_vertex("a", "v", 2, TaskSpec::Sleep { duration_ms: 5 }),
+                now: 10,
+            },
+            Command::SubmitJob {
+                job_id: job(2),
+                spec: JobSpec::single_vertex("b", "v", 1, TaskSpec::Sleep { duration_ms: 5 }),
+                now: 11,
+            },
+            Command::CancelJob {
+                job_id: job(2),
+                now: 12,
+            },
+        ];
+        for c in commands {
+            let name = c.name();
+            if let Err(e) = s.apply(c) {
+                panic!("{name}: {e}");
+            }
+        }
+        s
+    }
+
+    fn base(s: &DispatcherState) -> Encoded<'_> {
+        Encoded {
+            config: &s.config,
+            clock: s.clock,
+            next_seq: s.next_seq,
+            rr_cursor: &s.rr_cursor,
+            jobs: &s.jobs,
+            task_managers: &s.task_managers,
+        }
+    }
+
+    /// Snapshots and backups written by builds before limits existed (layouts 1 and 2,
+    /// written here by the same structs those builds used) restore, with no limits and
+    /// with the spec sizes and byte counters recomputed.
+    #[test]
+    fn snapshots_of_older_layouts_restore_without_limits_and_with_sizes_recomputed() {
+        let s = full_state();
+        let v1 = codec::encode(&base(&s)).expect("encode v1");
+        let v2 = codec::encode(&EncodedV2 {
+            base: base(&s),
+            tokens: &s.tokens,
+            owners: &s.owners,
+        })
+        .expect("encode v2");
+        for (layout, bytes) in [(1, &v1), (2, &v2)] {
+            let r = DispatcherState::restore(bytes)
+                .unwrap_or_else(|e| panic!("layout {layout} does not restore: {e}"));
+            assert_eq!(r.resource_limits(), None, "layout {layout}");
+            assert_eq!(r.jobs, s.jobs, "layout {layout}: jobs and their sizes");
+            assert_eq!(r.counters, s.counters, "layout {layout}: byte counters");
+            assert_eq!(r.tokens.len(), layout - 1, "layout {layout}: tokens");
+            assert!(crate::state::invariants::check(&r).is_ok());
+            // Written back in the layout it came in: its digest is what the old build had.
+            assert_eq!(&r.encode().expect("encode"), bytes, "layout {layout}");
+        }
+        assert!(s.counters.spec_bytes > s.counters.active_spec_bytes);
+        assert!(s.counters.active_spec_bytes > 0);
+
+        let v3 = s.encode().expect("encode v3");
+        assert!(v3.starts_with(&v2[..]), "layout 3 appends to layout 2");
+        let r = DispatcherState::restore(&v3).expect("layout 3");
+        assert_eq!(r.resource_limits(), Some(&ResourceLimits::default()));
+        assert_eq!(r.digest().ok(), s.digest().ok());
+    }
 }

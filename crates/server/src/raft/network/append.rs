@@ -50,7 +50,7 @@ pub fn fit_budget(
     let mut used = 0usize;
     let mut keep = 0usize;
     for entry in &rpc.entries {
-        let len = codec::encoded_len(entry)?;
+        let len = usize::try_from(codec::encoded_len(entry)?).unwrap_or(usize::MAX);
         if keep > 0 && used.saturating_add(len) > budget {
             break;
         }
