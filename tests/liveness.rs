@@ -52,3 +52,55 @@ async fn a_follower_behind_by_big_entries_catches_up_without_elections() {
         "an election happened during the catch-up"
     );
 }
+
+/// Idle connections past `--max-connections` are closed as soon as they are accepted,
+/// while the calls on connections already open (the client's, the peers') go on: a flood
+/// of connections cannot exhaust the leader's file descriptors, which once made its Raft
+/// core quit for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_bound_are_closed_and_the_leader_keeps_serving() {
+    use tokio::io::AsyncReadExt;
+    let c = ProcCluster::start_with(3, &["--max-connections", "64"]);
+    let client = c.client();
+    let leader = c.leader(&client, T, "a first leader").await;
+    client
+        .submit_job(None, sleep_job("before", 1))
+        .await
+        .expect("submit before the flood");
+    let addr = c.endpoints()[(leader - 1) as usize].clone();
+    let mut flood = vec![];
+    for _ in 0..200 {
+        if let Ok(s) = tokio::net::TcpStream::connect(&addr).await {
+            flood.push(s);
+        }
+    }
+    // The newest ones are past the bound: the replica closed them.
+    let mut closed = 0;
+    for s in flood.iter_mut().rev().take(50) {
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await
+        {
+            closed += 1;
+        }
+    }
+    assert!(closed > 0, "no connection past the bound of 64 was closed");
+    // Writes through the connections opened before the flood go on.
+    for i in 0..5 {
+        client
+            .submit_job(None, sleep_job(&format!("during-{i}"), 1))
+            .await
+            .expect("a submission during the flood");
+    }
+    drop(flood);
+    c.converged(&client, T, "after the flood").await;
+    assert_eq!(
+        c.leader(&client, T, "after the flood").await,
+        leader,
+        "leadership moved during a connection flood"
+    );
+    assert!(
+        c.log_of(leader).contains("refusing connections"),
+        "the refusals were not logged"
+    );
+}

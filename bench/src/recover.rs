@@ -45,6 +45,11 @@ pub struct RecoverResult {
     pub list_all_ms: f64,
     /// Listing the first 10,000 jobs the same way: median of 5, in ms.
     pub list_10k_ms: f64,
+    /// `cluster status` (every replica's view, no digest) through one replica:
+    /// median of 20, in ms.
+    pub status_ms: f64,
+    /// `cluster status --digest`: median of 5, in ms.
+    pub status_digest_ms: f64,
 }
 
 impl RecoverResult {
@@ -73,6 +78,14 @@ impl RecoverResult {
             (
                 format!("list all {} jobs through one replica", self.jobs),
                 format!("{:.1} ms", self.list_all_ms),
+            ),
+            (
+                "cluster status (no digest)".to_string(),
+                format!("{:.2} ms", self.status_ms),
+            ),
+            (
+                "cluster status --digest".to_string(),
+                format!("{:.0} ms", self.status_digest_ms),
             ),
         ])
     }
@@ -182,6 +195,8 @@ pub async fn run(
     let full_restart_ms = t.elapsed().as_secs_f64() * 1000.0;
     let list_all_ms = list_ms(&only, None).await?;
     let list_10k_ms = list_ms(&only, Some(10_000)).await?;
+    let status_ms = time_status(&only, false, 20).await?;
+    let status_digest_ms = time_status(&only, true, 5).await?;
     Ok(RecoverResult {
         jobs: args.jobs,
         data_dir_mib,
@@ -189,7 +204,24 @@ pub async fn run(
         full_restart_ms,
         list_all_ms,
         list_10k_ms,
+        status_ms,
+        status_digest_ms,
     })
+}
+
+/// Median time of `n` `cluster status` calls through `client`'s one replica.
+async fn time_status(client: &Client, digest: bool, n: usize) -> anyhow::Result<f64> {
+    let mut times = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        let s = client.cluster_status_with(digest).await?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(
+            s.replicas.iter().all(|r| r.reachable),
+            "a replica did not answer cluster status"
+        );
+    }
+    Ok(crate::stats::median(&times))
 }
 
 /// Median of 5 listings of (at most about `limit`) jobs through `client`'s one replica,
