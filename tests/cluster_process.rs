@@ -324,6 +324,15 @@ async fn a_backup_restores_into_a_new_cluster() {
     a.leader(&client, T, "cluster a").await;
     let ids = submit_sleep_jobs(&client, 5).await;
     client.cancel_job(&ids[0]).await.expect("cancel");
+    // The first leader sets the resource limits from its flags once it leads; a backup
+    // taken before that lacks them, and the restored cluster would then add its own,
+    // giving another digest. Back up the state with its limits.
+    dispatcher_testkit::wait_for(T, "the resource limits to be set", || async {
+        (1..=3)
+            .any(|id| a.log_of(id).contains("set the cluster's resource limits"))
+            .then_some(())
+    })
+    .await;
     let keep = tempfile::tempdir().expect("tempdir");
     let backup_file = keep.path().join("backup.bin");
     let follower = a.follower_addr(a.leader(&client, T, "before the backup").await);

@@ -516,6 +516,17 @@ impl ProcCluster {
 
 impl Drop for ProcCluster {
     fn drop(&mut self) {
+        // A failing test shows how each replica ended and the end of its log: a replica
+        // that exited (crash-only on a dead Raft core) is otherwise invisible.
+        if std::thread::panicking() {
+            for (id, p) in self.procs.iter_mut() {
+                let exit = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+                eprintln!("--- replica {id} (exited: {exit:?}), last log lines:\n{tail}");
+            }
+        }
         // Its ports may be handed to another test next: they no longer mean this cluster.
         for p in self.procs.values() {
             crate::unregister_security(&p.addr);
