@@ -112,6 +112,9 @@ impl Dispatcher {
                     file("admin.token"),
                 ]);
             }
+            // Benchmarks fill the state past the production default of 100k jobs (the
+            // recover and 1m workloads); the limits are not what they measure.
+            args.extend(["--max-jobs".into(), "100000000".into()]);
             args.extend(extra.iter().cloned());
             let mut node = Node::new(&format!("dispatcher-{}", i + 1), &program, args, work)
                 .env("DISPATCHER_LOG", "warn");
