@@ -24,6 +24,7 @@ impl DispatcherState {
             });
         }
         let now = self.tick(now);
+        self.touch(job_id);
         let job = self
             .jobs
             .get_mut(job_id)
@@ -83,6 +84,7 @@ impl DispatcherState {
         }
         let now = self.tick(now);
         let keep = self.config.max_retained_checkpoints as usize;
+        self.touch(job_id);
         if let Some(job) = self.jobs.get_mut(job_id) {
             let book = &mut job.checkpoints.completed;
             book.push(CompletedCheckpoint {
@@ -99,14 +101,21 @@ impl DispatcherState {
     /// Keeps at most `keep` completed checkpoints per job, dropping the oldest.
     pub(super) fn retain_checkpoints(&mut self, keep: usize) {
         for job in self.jobs.values_mut() {
-            trim_oldest(&mut job.checkpoints.completed, keep);
+            if trim_oldest(&mut job.checkpoints.completed, keep)
+                && !self.changed_jobs.contains(&job.id)
+            {
+                self.changed_jobs.insert(job.id.clone());
+            }
         }
     }
 }
 
-fn trim_oldest(book: &mut Vec<CompletedCheckpoint>, keep: usize) {
-    if book.len() > keep {
-        let excess = book.len() - keep;
-        book.drain(..excess);
+/// Returns whether any was dropped.
+fn trim_oldest(book: &mut Vec<CompletedCheckpoint>, keep: usize) -> bool {
+    if book.len() <= keep {
+        return false;
     }
+    let excess = book.len() - keep;
+    book.drain(..excess);
+    true
 }

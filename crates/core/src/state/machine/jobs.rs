@@ -75,6 +75,7 @@ impl DispatcherState {
         };
         self.count_state(None, Some(JobState::Created));
         self.queue.insert(queue_key(&job));
+        self.touch(&job_id);
         self.jobs.insert(job_id.clone(), job);
         // Capacity has not changed since the queue was last tried, so only the newcomer
         // can possibly fit now.
@@ -112,6 +113,7 @@ impl DispatcherState {
         }
         let now = self.tick(now);
         self.unqueue(job_id);
+        self.touch(job_id);
         if let Some(job) = self.jobs.get_mut(job_id) {
             if let Some(due) = job.restart_due_at.take() {
                 self.restarts.remove(&(due, job_id.clone()));
@@ -132,6 +134,7 @@ impl DispatcherState {
     /// A task of a RUNNING job failed: restart the job if its strategy allows, else fail
     /// it. Jobs already winding down are left as they are.
     pub(super) fn on_task_failure(&mut self, job_id: &JobId, reason: &str, now: Millis) {
+        self.touch(job_id);
         let Some(job) = self.jobs.get_mut(job_id) else {
             return;
         };
@@ -156,6 +159,7 @@ impl DispatcherState {
     /// FAILED, CANCELLING becomes CANCELED. Unplaced tasks of a job that ends are
     /// canceled.
     pub(super) fn settle(&mut self, job_id: &JobId, now: Millis) {
+        self.touch(job_id);
         let Some(job) = self.jobs.get_mut(job_id) else {
             return;
         };
@@ -194,6 +198,7 @@ impl DispatcherState {
             });
         }
         let now = self.tick(now);
+        self.touch(job_id);
         if let Some(job) = self.jobs.get_mut(job_id) {
             if let Some(d) = job.restart_due_at.take() {
                 self.restarts.remove(&(d, job_id.clone()));
@@ -230,6 +235,7 @@ impl DispatcherState {
                 break;
             }
             self.terminal.pop_first();
+            self.touch(&id);
             if let Some(job) = self.jobs.remove(&id) {
                 self.count_state(Some(job.state), None);
             }
@@ -253,6 +259,7 @@ impl DispatcherState {
     }
 
     pub(super) fn set_job_state(&mut self, job_id: &JobId, to: JobState, now: Millis) {
+        self.touch(job_id);
         let Some(job) = self.jobs.get_mut(job_id) else {
             return;
         };
