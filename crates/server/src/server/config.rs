@@ -138,6 +138,14 @@ pub struct Args {
     /// protected tokens). Logs a warning at every start.
     #[arg(long, env = "DISPATCHER_INSECURE")]
     pub insecure: bool,
+    /// Most open WatchJob streams of one job on this replica (default 1000); past it a
+    /// watch is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DISPATCHER_MAX_WATCHERS_PER_JOB")]
+    pub max_watchers_per_job: Option<usize>,
+    /// Most open WatchJob streams on this replica (default 10000); past it a watch is
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DISPATCHER_MAX_WATCHERS")]
+    pub max_watchers: Option<usize>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -163,6 +171,8 @@ struct FileConfig {
     tls_ca: Option<PathBuf>,
     bootstrap_token_file: Option<PathBuf>,
     insecure: Option<bool>,
+    max_watchers_per_job: Option<usize>,
+    max_watchers: Option<usize>,
 }
 
 /// A validated replica configuration.
@@ -196,6 +206,8 @@ pub struct ServerConfig {
     pub bootstrap_token_hash: Option<String>,
     /// Plain text on a non-loopback address was explicitly allowed.
     pub insecure: bool,
+    /// Bounds on open job watches.
+    pub watch: crate::watch::Limits,
 }
 
 /// Reads the bootstrap token file: one secret of 32-512 printable ASCII characters
@@ -369,6 +381,16 @@ impl Args {
                 None => None,
             },
             insecure: self.insecure || file.insecure.unwrap_or(false),
+            watch: {
+                let d = crate::watch::Limits::default();
+                crate::watch::Limits {
+                    per_job: self
+                        .max_watchers_per_job
+                        .or(file.max_watchers_per_job)
+                        .unwrap_or(d.per_job),
+                    total: self.max_watchers.or(file.max_watchers).unwrap_or(d.total),
+                }
+            },
             liveness: {
                 let d = LivenessSettings::default();
                 LivenessSettings {
@@ -434,6 +456,12 @@ impl ServerConfig {
                     l.heartbeat_interval.as_millis()
                 ),
             ));
+        }
+        if self.watch.per_job == 0 {
+            return Err(invalid("--max-watchers-per-job", "must be positive"));
+        }
+        if self.watch.total == 0 {
+            return Err(invalid("--max-watchers", "must be positive"));
         }
         if self.cluster_name.trim().is_empty() {
             return Err(invalid("--cluster-name", "must not be empty"));
@@ -503,6 +531,7 @@ mod tests {
         assert_eq!(c.initial_cluster.len(), 3);
         assert_eq!(c.advertise, "127.0.0.1:7001");
         assert_eq!(c.raft, RaftSettings::default());
+        assert_eq!(c.watch, crate::watch::Limits::default());
     }
 
     #[test]
@@ -529,6 +558,14 @@ mod tests {
             ..args()
         });
         assert!(m.contains("--advertise"), "{m}");
+        let m = msg(Args {
+            max_watchers: Some(0),
+            ..args()
+        });
+        assert!(
+            m.contains("--max-watchers") && m.contains("positive"),
+            "{m}"
+        );
     }
 
     #[test]

@@ -173,7 +173,11 @@ pub async fn serve(
         crate::taskmanagers::TaskManagers::new(replica.clone(), liveness),
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let jobs = JobServiceServer::new(job_service::JobServer::new(edge, stop_rx.clone()));
+    let jobs = JobServiceServer::new(job_service::JobServer::new(
+        edge,
+        stop_rx.clone(),
+        config.watch.clone(),
+    ));
 
     // The builder's tcp_nodelay only reaches sockets tonic accepts itself, not ours: set
     // it on every accepted connection, or Nagle's algorithm holds a response's last
