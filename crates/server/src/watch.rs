@@ -13,7 +13,9 @@
 //! machine names them; see [`SharedState::take_watched_changes`]) and at the queued
 //! ones, whose pending reason any change of capacity can move; a change of another job
 //! wakes no watcher. An entry goes with its last watcher. Watchers are bounded per job
-//! and in total ([`Limits`]).
+//! and in total ([`Limits`]). Each stream still holds its own encoded copy of an event
+//! until its client reads it (tonic encodes per stream), so after a burst of large
+//! events the registry has the allocator return the freed memory ([`crate::memory`]).
 //!
 //! Architecture invariant: reads the applied state only and never proposes; converts
 //! under the state's read lock, never on the apply path (which only notes which jobs
@@ -34,6 +36,16 @@ use dispatcher_proto::v1 as pb;
 /// How long a watch waits for an unknown job to be applied locally: a follower may not
 /// yet have applied a job that was just submitted.
 pub const JOB_APPEAR_WAIT: Duration = Duration::from_secs(2);
+
+/// Bytes of watch traffic after which, once it pauses for [`TRIM_QUIET`], the allocator
+/// is asked to return free memory ([`crate::memory`]). Counted: each event handed to a
+/// watcher, and, when a watch closes, the largest event it was sent. Every stream
+/// encodes its own copy of an event, and its encoding buffer keeps that capacity while
+/// the stream is open, so a big job fanned out to many watchers, and those watchers
+/// closing, are bursts of large blocks that the allocator would otherwise keep.
+pub const TRIM_AFTER_BYTES: u64 = 64 << 20;
+/// How long watch traffic must pause before the trim.
+pub const TRIM_QUIET: Duration = Duration::from_secs(1);
 
 /// Default most watchers of one job on one replica.
 pub const DEFAULT_MAX_PER_JOB: usize = 1_000;
@@ -99,9 +111,22 @@ pub struct JobView {
     spec: Arc<pb::JobSpec>,
     /// The applied index the status reflects.
     index: u64,
+    /// About how many bytes one event of it encodes to.
+    size: u64,
 }
 
 impl JobView {
+    fn new(status: pb::JobStatus, spec: Arc<pb::JobSpec>, index: u64) -> JobView {
+        use prost::Message as _;
+        let size = (status.encoded_len() + spec.encoded_len() + 16) as u64;
+        JobView {
+            status,
+            spec,
+            index,
+            size,
+        }
+    }
+
     /// The event a watcher is sent, with env values redacted unless `secrets`.
     pub fn event(&self, secrets: bool) -> pb::JobEvent {
         let mut job = pb::JobStatus {
@@ -183,6 +208,12 @@ pub struct Registry {
     inner: Mutex<Inner>,
     /// Statuses converted so far (first views and changes), for tests and figures.
     conversions: AtomicU64,
+    /// Watch traffic since the last trim, as counted for [`TRIM_AFTER_BYTES`].
+    churn: AtomicU64,
+    /// Told when `churn` passes [`TRIM_AFTER_BYTES`].
+    burst: tokio::sync::Notify,
+    /// Trims so far.
+    trims: AtomicU64,
 }
 
 /// One watcher's place in the total bound; dropping it frees the place.
@@ -250,6 +281,9 @@ impl Registry {
             limits,
             inner: Mutex::new(Inner::default()),
             conversions: AtomicU64::new(0),
+            churn: AtomicU64::new(0),
+            burst: tokio::sync::Notify::new(),
+            trims: AtomicU64::new(0),
         })
     }
 
@@ -261,6 +295,11 @@ impl Registry {
     /// Statuses converted so far.
     pub fn conversions(&self) -> u64 {
         self.conversions.load(Ordering::Relaxed)
+    }
+
+    /// Heap trims after bursts so far.
+    pub fn trims(&self) -> u64 {
+        self.trims.load(Ordering::Relaxed)
     }
 
     /// Watched jobs and watchers (those holding a [`Permit`]).
@@ -373,11 +412,7 @@ impl Registry {
             return Err(Refused::Unknown(id.clone()));
         };
         self.conversions.fetch_add(1, Ordering::Relaxed);
-        let view = View::Job(Arc::new(JobView {
-            status,
-            spec: spec.clone(),
-            index,
-        }));
+        let view = View::Job(Arc::new(JobView::new(status, spec.clone(), index)));
         let (tx, rx) = watch::channel(view);
         if pending.is_some() {
             inner.queued.insert(id.clone());
@@ -514,11 +549,11 @@ impl Registry {
                     let unchanged = !spec_changed
                         && matches!(&c.last, View::Job(last) if last.status == *status);
                     if !unchanged {
-                        entry.tx.send_replace(View::Job(Arc::new(JobView {
-                            status: *status,
-                            spec: entry.spec.clone(),
+                        entry.tx.send_replace(View::Job(Arc::new(JobView::new(
+                            *status,
+                            entry.spec.clone(),
                             index,
-                        })));
+                        ))));
                     }
                 }
             }
@@ -559,6 +594,50 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Counts watch traffic (see [`TRIM_AFTER_BYTES`]); a burst past it wakes
+    /// [`Registry::trim_after_bursts`].
+    fn note_churn(&self, bytes: u64) {
+        let before = self.churn.fetch_add(bytes, Ordering::Relaxed);
+        if before < TRIM_AFTER_BYTES && before + bytes >= TRIM_AFTER_BYTES {
+            self.burst.notify_one();
+        }
+    }
+
+    /// After each burst of watch traffic past [`TRIM_AFTER_BYTES`], once it paused for
+    /// `quiet` ([`TRIM_QUIET`] on a replica), returns the allocator's free memory to the
+    /// system (on a blocking thread), until `stopping` turns true.
+    pub async fn trim_after_bursts(
+        self: Arc<Self>,
+        quiet: Duration,
+        mut stopping: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = self.burst.notified() => {}
+                _ = stopping.wait_for(|s| *s) => return,
+            }
+            loop {
+                let seen = self.churn.load(Ordering::Relaxed);
+                tokio::select! {
+                    _ = tokio::time::sleep(quiet) => {}
+                    _ = stopping.wait_for(|s| *s) => return,
+                }
+                if self.churn.load(Ordering::Relaxed) == seen {
+                    break;
+                }
+            }
+            let churn = self.churn.swap(0, Ordering::Relaxed);
+            self.trims.fetch_add(1, Ordering::Relaxed);
+            let started = std::time::Instant::now();
+            let released = tokio::task::spawn_blocking(crate::memory::trim)
+                .await
+                .unwrap_or(false);
+            tracing::debug!(churn, released, took = ?started.elapsed(), "trimmed the heap after a burst of watch events");
+        }
+    }
+}
+
 /// One open watch: its places in the bounds and the views it is sent.
 pub struct Watcher {
     sub: Subscription,
@@ -566,6 +645,14 @@ pub struct Watcher {
     stopping: watch::Receiver<bool>,
     started: bool,
     done: bool,
+    /// The largest event sent: about what the stream's encoding buffer holds.
+    largest: u64,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.sub.registry.note_churn(self.largest);
+    }
 }
 
 impl Watcher {
@@ -577,6 +664,7 @@ impl Watcher {
             stopping,
             started: false,
             done: false,
+            largest: 0,
         }
     }
 
@@ -605,6 +693,8 @@ impl Watcher {
             }
             View::Job(v) => {
                 self.done = v.is_terminal();
+                self.sub.registry.note_churn(v.size);
+                self.largest = self.largest.max(v.size);
                 Some(Ok(v))
             }
         }

@@ -58,6 +58,11 @@ impl JobServer {
     ) -> Self {
         let watches = watch::Registry::new(edge.replica.state.clone(), limits);
         tokio::spawn(watches.clone().run(stopping.clone()));
+        tokio::spawn(
+            watches
+                .clone()
+                .trim_after_bursts(watch::TRIM_QUIET, stopping.clone()),
+        );
         JobServer {
             edge,
             stopping,

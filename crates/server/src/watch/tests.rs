@@ -426,3 +426,33 @@ async fn the_refresh_task_follows_applied_batches_and_shutdown_ends_the_watch() 
         .expect("the task ends")
         .expect("no panic");
 }
+
+const QUIET: Duration = Duration::from_millis(100);
+
+#[tokio::test]
+async fn a_burst_of_events_is_followed_by_one_heap_trim() {
+    let f = Fixture::new().await;
+    let r = f.registry(Limits::default());
+    let (stop_tx, stop) = watch::channel(false);
+    let trimmer = tokio::spawn(r.clone().trim_after_bursts(QUIET, stop));
+    // Sends below the threshold never wake the trimmer.
+    r.note_churn(TRIM_AFTER_BYTES / 2);
+    tokio::time::sleep(QUIET * 3).await;
+    assert_eq!(r.trims(), 0, "no burst, no trim");
+    // Past it: one trim once sends pause.
+    for _ in 0..4 {
+        r.note_churn(TRIM_AFTER_BYTES / 4);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while r.trims() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no trim after the burst"
+        );
+        tokio::time::sleep(QUIET / 10).await;
+    }
+    tokio::time::sleep(QUIET * 3).await;
+    assert_eq!(r.trims(), 1, "one trim per burst");
+    stop_tx.send_replace(true);
+    trimmer.await.expect("the trimmer ends");
+}
