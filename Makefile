@@ -106,7 +106,8 @@ bench-bins:
 ## Benchmarks (docs/benchmarks.md): state-machine apply and placement and durable log
 ## appends (criterion), then a real three-replica cluster (TLS and tokens) under dispatch-bench: submit
 ## at 1/16/64/256 submitters, failover (kill -9 and SIGSTOP of the leader), placement of
-## 100,000 tasks on 10,000 simulated TaskManagers, and recovery of a large state.
+## 100,000 tasks on 10,000 simulated TaskManagers, recovery of a large state, and 300
+## watchers of one big job (watch-fanout).
 bench: bench-bins
 	$(CARGO) bench --bench apply
 	$(CARGO) bench --bench storage
@@ -115,6 +116,7 @@ bench: bench-bins
 	$(BENCH) failover --fault stop --trials 10
 	$(BENCH) place --task-managers 10000 --slots 100 --jobs 1000 --tasks 100
 	$(BENCH) recover --jobs 20000
+	$(BENCH) watch-fanout
 
 ## The placement goal: 1,000,000 tasks on 10,000 TaskManagers x 100 slots. It does not
 ## finish yet (docs/benchmarks.md says where it stalls), so it is not part of `bench`.

@@ -10,6 +10,7 @@
 //! dispatcher both ways and reports the cost. etcd and ZooKeeper run without TLS or
 //! authentication.
 
+mod fanout;
 mod place;
 mod procs;
 mod recover;
@@ -98,6 +99,9 @@ enum Cmd {
     Place(place::PlaceArgs),
     /// Restart of a replica holding a large state: time until it serves reads again.
     Recover(recover::RecoverArgs),
+    /// Many WatchJob streams on one big job: submit latency and leader memory without,
+    /// with and after them, and one change of the job fanned out to all.
+    WatchFanout(fanout::FanoutArgs),
     /// Submit and failover against etcd, ZooKeeper and the dispatcher (with TLS and
     /// tokens, then without), with ratios and the cost of TLS.
     Compare {
@@ -292,6 +296,11 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         Cmd::Recover(args) => {
             let dir = fresh_dir(&cli.work_dir, "dispatcher")?;
             let r = recover::run(&dir, &bin_dir(cli), args, security(cli), quiet).await?;
+            print(cli, &r, r.table())
+        }
+        Cmd::WatchFanout(args) => {
+            let dir = fresh_dir(&cli.work_dir, "dispatcher")?;
+            let r = fanout::run(&dir, &bin_dir(cli), args, security(cli), quiet).await?;
             print(cli, &r, r.table())
         }
         Cmd::Compare {

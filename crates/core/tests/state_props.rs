@@ -432,6 +432,34 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+
+    /// Every job whose record a command created, changed or removed is among the changed
+    /// jobs the state reports: job watches look at nothing else, so a job missing there
+    /// would be a change a watcher never sees.
+    #[test]
+    fn every_changed_job_is_reported(ops in prop::collection::vec(op(), 1..120)) {
+        let mut state = DispatcherState::new(ClusterConfig::default());
+        let mut now = 1_000;
+        for (step, op) in ops.iter().enumerate() {
+            let Some(cmd) = resolve(&state, &mut now, op) else { continue };
+            let before: BTreeMap<JobId, Job> =
+                state.jobs().map(|j| (j.id.clone(), j.clone())).collect();
+            let name = cmd.name();
+            let _ = state.apply(cmd);
+            let changed = state.take_changed_jobs();
+            let after: BTreeMap<JobId, Job> =
+                state.jobs().map(|j| (j.id.clone(), j.clone())).collect();
+            for id in before.keys().chain(after.keys()) {
+                if before.get(id) != after.get(id) {
+                    prop_assert!(changed.contains(id), "step {} {} changed job {} without reporting it", step, name, id);
+                }
+            }
+        }
+    }
+}
+
 /// The generator must reach the interesting states, or the properties above prove little.
 #[test]
 fn the_generator_reaches_running_restarting_and_terminal_jobs() {

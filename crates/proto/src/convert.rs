@@ -252,10 +252,19 @@ pub fn task_state_from_pb(field: &str, raw: i32) -> Result<TaskState, Rejection>
 /// The full status of a job, with why it waits for slots (`None` if it does not).
 pub fn job_status(job: &Job, pending: Option<&PendingReason>) -> pb::JobStatus {
     pb::JobStatus {
+        spec: Some(job_spec_to_pb(&job.spec)),
+        ..job_status_without_spec(job, pending)
+    }
+}
+
+/// [`job_status`] without the spec (`spec` is `None`): what changes while a job runs,
+/// for a caller that converts the spec, which never changes, only once.
+pub fn job_status_without_spec(job: &Job, pending: Option<&PendingReason>) -> pb::JobStatus {
+    pb::JobStatus {
         job_id: job.id.to_string(),
         name: job.spec.name.clone(),
         state: job_state_to_pb(job.state) as i32,
-        spec: Some(job_spec_to_pb(&job.spec)),
+        spec: None,
         priority: job.spec.priority,
         submitted_at_ms: job.submitted_at,
         updated_at_ms: job.updated_at,

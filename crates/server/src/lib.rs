@@ -16,6 +16,7 @@
 //! - [`taskmanagers`]: the leader's side of the TaskManager protocol, in domain terms.
 //! - [`watch`]: job watches, from the applied state.
 //! - [`error`]: what can go wrong serving a request.
+//! - [`memory`]: giving freed heap memory back to the system after a burst.
 //!
 //! The state machine, codec and backups are `dispatcher-core`; the contract is
 //! `dispatcher-proto`. Architecture invariant: `raft` knows nothing of gRPC services,
@@ -25,6 +26,7 @@
 pub mod error;
 pub mod leader;
 pub mod logging;
+pub mod memory;
 pub mod raft;
 pub mod server;
 pub mod taskmanagers;

@@ -11,6 +11,7 @@
 //! fsynced. Only a snapshot newer than the current one ever replaces it, so a slow build
 //! that finishes after a newer snapshot was installed is dropped.
 
+use std::collections::{BTreeSet, HashSet};
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
@@ -24,7 +25,7 @@ use tokio::sync::{watch, Mutex};
 
 use super::{Applied, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use dispatcher_core::codec;
-use dispatcher_core::state::{ClusterConfig, DispatcherState};
+use dispatcher_core::state::{ClusterConfig, DispatcherState, JobId};
 
 type Entry = openraft::Entry<TypeConfig>;
 
@@ -45,6 +46,26 @@ pub struct AppliedState {
 pub struct SharedState {
     inner: Arc<RwLock<AppliedState>>,
     applied_tx: Arc<watch::Sender<u64>>,
+    /// Changes of watched jobs, for the watch registry (`crate::watch`).
+    watched: Arc<std::sync::Mutex<Watched>>,
+}
+
+/// Watched jobs that applied entries may have changed (see
+/// [`SharedState::take_watched_changes`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct JobChanges {
+    /// The watched jobs that applied entries may have created, changed or removed.
+    pub jobs: BTreeSet<JobId>,
+    /// The whole state was replaced (a snapshot was installed): any job may have changed.
+    pub all: bool,
+}
+
+/// Which jobs are watched, and the changes noted for them. Only watched jobs are noted,
+/// so this stays as small as the set of watched jobs.
+#[derive(Debug, Default)]
+struct Watched {
+    ids: HashSet<JobId>,
+    changes: JobChanges,
 }
 
 impl SharedState {
@@ -57,6 +78,50 @@ impl SharedState {
                 membership: StoredMembership::default(),
             })),
             applied_tx: Arc::new(applied_tx),
+            watched: Arc::default(),
+        }
+    }
+
+    fn watched(&self) -> std::sync::MutexGuard<'_, Watched> {
+        // Nothing panics while holding it; if something did, the sets are still sets.
+        self.watched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts (`true`) or stops noting the changes of job `id` for
+    /// [`SharedState::take_watched_changes`]. A watch starts noting before it reads the
+    /// job's first status, so that no change applied after that read goes unnoted.
+    pub fn set_watched(&self, id: &JobId, watched: bool) {
+        let mut w = self.watched();
+        if watched {
+            w.ids.insert(id.clone());
+        } else {
+            w.ids.remove(id);
+            w.changes.jobs.remove(id);
+        }
+    }
+
+    /// Takes the changes noted for watched jobs since the last call. Each applied batch
+    /// notes its changes before it publishes its index, so a taker woken by
+    /// [`SharedState::subscribe`] finds them.
+    pub fn take_watched_changes(&self) -> JobChanges {
+        std::mem::take(&mut self.watched().changes)
+    }
+
+    fn note_changes(&self, changed: BTreeSet<JobId>) {
+        let mut w = self.watched();
+        if w.ids.is_empty() {
+            return;
+        }
+        let Watched { ids, changes } = &mut *w;
+        changes
+            .jobs
+            .extend(changed.into_iter().filter(|id| ids.contains(id)));
+    }
+
+    fn note_replaced(&self) {
+        let mut w = self.watched();
+        if !w.ids.is_empty() {
+            w.changes.all = true;
         }
     }
 
@@ -258,7 +323,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: Send,
     {
         let mut out = Vec::new();
-        let last = {
+        let (last, changed) = {
             let mut g = self.shared.write();
             for entry in entries {
                 g.last_applied = Some(entry.log_id);
@@ -274,8 +339,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     }
                 }
             }
-            g.last_applied
+            (g.last_applied, g.state.take_changed_jobs())
         };
+        self.shared.note_changes(changed);
         if let Some(l) = last {
             self.shared.publish(l.index);
         }
@@ -321,6 +387,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             g.last_applied = meta.last_log_id;
             g.membership = meta.last_membership.clone();
         }
+        self.shared.note_replaced();
         if let Some(l) = meta.last_log_id {
             self.shared.publish(l.index);
         }

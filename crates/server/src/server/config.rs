@@ -166,6 +166,14 @@ pub struct Args {
     /// (default 1000).
     #[arg(long, env = "DISPATCHER_MAX_RESTART_ATTEMPTS")]
     pub max_restart_attempts: Option<u32>,
+    /// Most open WatchJob streams of one job on this replica (default 1000); past it a
+    /// watch is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DISPATCHER_MAX_WATCHERS_PER_JOB")]
+    pub max_watchers_per_job: Option<usize>,
+    /// Most open WatchJob streams on this replica (default 10000); past it a watch is
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DISPATCHER_MAX_WATCHERS")]
+    pub max_watchers: Option<usize>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -197,6 +205,8 @@ struct FileConfig {
     max_spec_bytes: Option<u64>,
     min_restart_delay_ms: Option<u64>,
     max_restart_attempts: Option<u32>,
+    max_watchers_per_job: Option<usize>,
+    max_watchers: Option<usize>,
 }
 
 /// A validated replica configuration.
@@ -237,6 +247,8 @@ pub struct ServerConfig {
     /// The resource limits this replica proposes when it leads a cluster that has none
     /// yet (a new cluster, or one from before limits existed).
     pub resource_limits: ResourceLimits,
+    /// Bounds on open job watches.
+    pub watch: crate::watch::Limits,
 }
 
 /// Default of `--max-connections`.
@@ -441,6 +453,16 @@ impl Args {
                         .unwrap_or(d.max_restart_attempts),
                 }
             },
+            watch: {
+                let d = crate::watch::Limits::default();
+                crate::watch::Limits {
+                    per_job: self
+                        .max_watchers_per_job
+                        .or(file.max_watchers_per_job)
+                        .unwrap_or(d.per_job),
+                    total: self.max_watchers.or(file.max_watchers).unwrap_or(d.total),
+                }
+            },
             liveness: {
                 let d = LivenessSettings::default();
                 LivenessSettings {
@@ -527,6 +549,12 @@ impl ServerConfig {
             };
             return Err(invalid(setting, reason));
         }
+        if self.watch.per_job == 0 {
+            return Err(invalid("--max-watchers-per-job", "must be positive"));
+        }
+        if self.watch.total == 0 {
+            return Err(invalid("--max-watchers", "must be positive"));
+        }
         if self.cluster_name.trim().is_empty() {
             return Err(invalid("--cluster-name", "must not be empty"));
         }
@@ -595,6 +623,7 @@ mod tests {
         assert_eq!(c.initial_cluster.len(), 3);
         assert_eq!(c.advertise, "127.0.0.1:7001");
         assert_eq!(c.raft, RaftSettings::default());
+        assert_eq!(c.watch, crate::watch::Limits::default());
     }
 
     #[test]
@@ -621,6 +650,14 @@ mod tests {
             ..args()
         });
         assert!(m.contains("--advertise"), "{m}");
+        let m = msg(Args {
+            max_watchers: Some(0),
+            ..args()
+        });
+        assert!(
+            m.contains("--max-watchers") && m.contains("positive"),
+            "{m}"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! linearizable reads are served by the leader (the edge forwards them); stale reads
 //! and watches by the local replica. Handlers translate and delegate.
 
-use tokio_stream::StreamExt as _;
+use std::sync::Arc;
 
 use super::edge::{BoxStream, Caller, Edge};
 use super::status::ApiError;
@@ -22,6 +22,8 @@ pub struct JobServer {
     edge: Edge,
     /// Becomes true when the replica shuts down: open watch streams end.
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// The watched jobs and their shared views.
+    watches: Arc<watch::Registry>,
 }
 
 edge_service! {
@@ -47,9 +49,25 @@ fn without_env_values(spec: &state::JobSpec) -> state::JobSpec {
 }
 
 impl JobServer {
-    /// A server over `edge`; watches end when `stopping` turns true.
-    pub fn new(edge: Edge, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
-        JobServer { edge, stopping }
+    /// A server over `edge`, with watches bounded by `limits`; watches end when
+    /// `stopping` turns true. Starts the task that keeps the watched jobs' views current.
+    pub fn new(
+        edge: Edge,
+        stopping: tokio::sync::watch::Receiver<bool>,
+        limits: watch::Limits,
+    ) -> Self {
+        let watches = watch::Registry::new(edge.replica.state.clone(), limits);
+        tokio::spawn(watches.clone().run(stopping.clone()));
+        tokio::spawn(
+            watches
+                .clone()
+                .trim_after_bursts(watch::TRIM_QUIET, stopping.clone()),
+        );
+        JobServer {
+            edge,
+            stopping,
+            watches,
+        }
     }
 
     /// The job's status, its env values redacted unless `secrets`.
@@ -182,38 +200,47 @@ impl JobServer {
     ) -> Result<BoxStream<pb::JobEvent>, ApiError> {
         let secrets = caller.sees_secrets();
         let id = convert::job_id("job_id", &req.job_id)?;
-        let shared = self.edge.replica.state.clone();
-        let Some((first, applied)) = watch::first(&shared, &id).await else {
-            return Err(state::Rejection::UnknownJob { job_id: id }.into());
+        let refused = |r: watch::Refused| match r {
+            watch::Refused::Unknown(job_id) => {
+                ApiError::from(state::Rejection::UnknownJob { job_id })
+            }
+            bound => ApiError::ResourceExhausted(bound.to_string()),
         };
+        let permit = self.watches.reserve().map_err(refused)?;
+        let sub = self
+            .watches
+            .subscribe_within(&permit, &id, watch::JOB_APPEAR_WAIT)
+            .await
+            .map_err(refused)?;
+        let watcher = watch::Watcher::new(permit, sub, self.stopping.clone());
         // A watch outlives its first check: each event re-checks that the token is still
         // there, so a revocation ends the stream at the next change.
         let token = caller.token_hash().map(str::to_string);
-        let tokens = shared.clone();
-        let events = watch::spawn(shared, id.clone(), first, applied, self.stopping.clone());
-        let stream = tokio_stream::wrappers::ReceiverStream::new(events).map(move |item| {
-            if let Some(hash) = &token {
-                if tokens.read().state.token_by_hash(hash).is_none() {
-                    return Err(tonic::Status::from(ApiError::Unauthenticated(
-                        "the token of this watch was revoked".into(),
-                    )));
-                }
-            }
-            item.map(|mut event| {
-                if let (false, Some(job)) = (secrets, event.job.as_mut()) {
-                    convert::redact_secrets(job);
-                }
-                event
-            })
-            .map_err(|end| {
-                tonic::Status::from(match end {
-                    watch::End::Purged => ApiError::NotFound(format!("job {id} was purged")),
-                    // The client library re-attaches to another replica.
-                    watch::End::ShuttingDown => {
-                        ApiError::Unavailable("replica is shutting down".into())
+        let tokens = self.edge.replica.state.clone();
+        let stream = futures::stream::unfold(Some(watcher), move |watcher| {
+            let (token, tokens, id) = (token.clone(), tokens.clone(), id.clone());
+            async move {
+                let mut watcher = watcher?;
+                let item = watcher.next().await?;
+                if let Some(hash) = &token {
+                    if tokens.read().state.token_by_hash(hash).is_none() {
+                        let revoked =
+                            ApiError::Unauthenticated("the token of this watch was revoked".into());
+                        return Some((Err(tonic::Status::from(revoked)), None));
                     }
-                })
-            })
+                }
+                let item = match item {
+                    Ok(view) => Ok(view.event(secrets)),
+                    Err(watch::End::Purged) => Err(tonic::Status::from(ApiError::NotFound(
+                        format!("job {id} was purged"),
+                    ))),
+                    // The client library re-attaches to another replica.
+                    Err(watch::End::ShuttingDown) => Err(tonic::Status::from(
+                        ApiError::Unavailable("replica is shutting down".into()),
+                    )),
+                };
+                Some((item, Some(watcher)))
+            }
         });
         Ok(Box::pin(stream))
     }

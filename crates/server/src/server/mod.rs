@@ -196,7 +196,11 @@ pub async fn serve(
         crate::taskmanagers::TaskManagers::new(replica.clone(), liveness),
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let jobs = JobServiceServer::new(job_service::JobServer::new(edge, stop_rx.clone()));
+    let jobs = JobServiceServer::new(job_service::JobServer::new(
+        edge,
+        stop_rx.clone(),
+        config.watch.clone(),
+    ));
 
     let max_connections = listener::effective_max_connections(config.max_connections, fd_limit);
     let incoming = listener::incoming(tcp, max_connections);

@@ -31,6 +31,7 @@ impl From<ApiError> for Status {
             ApiError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
             ApiError::Unauthenticated(m) => Status::unauthenticated(m),
             ApiError::PermissionDenied(m) => Status::permission_denied(m),
+            ApiError::ResourceExhausted(m) => Status::resource_exhausted(m),
             ApiError::Internal(m) => Status::internal(m),
         }
     }

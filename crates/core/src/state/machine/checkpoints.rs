@@ -24,6 +24,7 @@ impl DispatcherState {
             });
         }
         let now = self.tick(now);
+        self.touch(job_id);
         let job = self
             .jobs
             .get_mut(job_id)
@@ -83,6 +84,7 @@ impl DispatcherState {
         }
         let now = self.tick(now);
         let keep = self.config.max_retained_checkpoints as usize;
+        self.touch(job_id);
         if let Some(job) = self.jobs.get_mut(job_id) {
             let book = &mut job.checkpoints.completed;
             book.push(CompletedCheckpoint {
@@ -107,16 +109,23 @@ impl DispatcherState {
             .map(|(id, _)| id.clone())
             .collect();
         for id in over {
-            if let Some(job) = self.jobs.get_mut(&id) {
-                trim_oldest(&mut job.checkpoints.completed, keep);
+            let trimmed = match self.jobs.get_mut(&id) {
+                Some(job) => trim_oldest(&mut job.checkpoints.completed, keep),
+                None => false,
+            };
+            if trimmed {
+                self.touch(&id);
             }
         }
     }
 }
 
-fn trim_oldest(book: &mut Vec<CompletedCheckpoint>, keep: usize) {
-    if book.len() > keep {
-        let excess = book.len() - keep;
-        book.drain(..excess);
+/// Returns whether any was dropped.
+fn trim_oldest(book: &mut Vec<CompletedCheckpoint>, keep: usize) -> bool {
+    if book.len() <= keep {
+        return false;
     }
+    let excess = book.len() - keep;
+    book.drain(..excess);
+    true
 }

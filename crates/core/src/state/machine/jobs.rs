@@ -84,6 +84,7 @@ impl DispatcherState {
     /// the terminal index).
     fn remove_job(&mut self, id: &JobId) {
         if let Some(job) = self.jobs.remove(id) {
+            self.touch(id);
             self.count_state(Some(job.state), None);
             self.counters.spec_bytes = self.counters.spec_bytes.saturating_sub(job.spec_bytes);
             if !job.state.is_terminal() {
@@ -160,6 +161,7 @@ impl DispatcherState {
         self.counters.spec_bytes = self.counters.spec_bytes.saturating_add(bytes);
         self.counters.active_spec_bytes = self.counters.active_spec_bytes.saturating_add(bytes);
         self.queue.insert(queue_key(&job));
+        self.touch(&job_id);
         self.jobs.insert(job_id.clone(), job);
         // Capacity has not changed since the queue was last tried, so only the newcomer
         // can possibly fit now.
@@ -197,6 +199,7 @@ impl DispatcherState {
         }
         let now = self.tick(now);
         self.unqueue(job_id);
+        self.touch(job_id);
         if let Some(job) = self.jobs.get_mut(job_id) {
             if let Some(due) = job.restart_due_at.take() {
                 self.restarts.remove(&(due, job_id.clone()));
@@ -217,6 +220,7 @@ impl DispatcherState {
     /// A task of a RUNNING job failed: restart the job if its strategy allows, else fail
     /// it. Jobs already winding down are left as they are.
     pub(super) fn on_task_failure(&mut self, job_id: &JobId, reason: &str, now: Millis) {
+        self.touch(job_id);
         let Some(job) = self.jobs.get_mut(job_id) else {
             return;
         };
@@ -241,6 +245,7 @@ impl DispatcherState {
     /// FAILED, CANCELLING becomes CANCELED. Unplaced tasks of a job that ends are
     /// canceled.
     pub(super) fn settle(&mut self, job_id: &JobId, now: Millis) {
+        self.touch(job_id);
         let Some(job) = self.jobs.get_mut(job_id) else {
             return;
         };
@@ -279,6 +284,7 @@ impl DispatcherState {
             });
         }
         let now = self.tick(now);
+        self.touch(job_id);
         if let Some(job) = self.jobs.get_mut(job_id) {
             if let Some(d) = job.restart_due_at.take() {
                 self.restarts.remove(&(d, job_id.clone()));
@@ -336,6 +342,7 @@ impl DispatcherState {
     }
 
     pub(super) fn set_job_state(&mut self, job_id: &JobId, to: JobState, now: Millis) {
+        self.touch(job_id);
         let Some(job) = self.jobs.get_mut(job_id) else {
             return;
         };

@@ -73,6 +73,10 @@ pub struct DispatcherState {
     restarts: BTreeSet<(Millis, JobId)>,
     terminal: BTreeSet<(Millis, JobId)>,
     counters: Counters,
+    /// Jobs that commands applied since the last [`DispatcherState::take_changed_jobs`]
+    /// may have created, changed or removed (a superset: an id may be noted although
+    /// nothing of its record changed). Not part of the state: not encoded, not compared.
+    changed_jobs: BTreeSet<JobId>,
 }
 
 impl DispatcherState {
@@ -144,6 +148,24 @@ impl DispatcherState {
                     commands.into_iter().map(|c| self.apply(c)).collect(),
                 ))
             }
+        }
+    }
+
+    /// Takes the ids of the jobs that the commands applied since the last call may have
+    /// created, changed or removed. A job missing here did not change (its record, that
+    /// is; why it waits for slots is derived from the whole state and can change with
+    /// any command). The replica takes them after every applied batch, so that job
+    /// watches look at only those jobs; a caller that never takes them keeps one id per
+    /// job it ever touched.
+    pub fn take_changed_jobs(&mut self) -> BTreeSet<JobId> {
+        std::mem::take(&mut self.changed_jobs)
+    }
+
+    /// Notes that the command being applied may change `id`'s record: called before
+    /// every mutable access to a job.
+    fn touch(&mut self, id: &JobId) {
+        if !self.changed_jobs.contains(id) {
+            self.changed_jobs.insert(id.clone());
         }
     }
 

@@ -72,6 +72,7 @@ impl DispatcherState {
             }
         }
         // Commit: the index already counts these slots as taken.
+        self.touch(job_id);
         let Some(job) = self.jobs.get_mut(job_id) else {
             return false;
         };

@@ -111,6 +111,7 @@ impl DispatcherState {
         r: TaskReport,
         now: Millis,
     ) -> bool {
+        self.touch(&r.job);
         let Some(job) = self.jobs.get_mut(&r.job) else {
             return false;
         };

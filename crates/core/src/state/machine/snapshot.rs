@@ -273,6 +273,9 @@ impl DispatcherState {
         if restored.limits.is_none() {
             restored.limits = self.limits.take();
         }
+        // Every job is new; ids noted before (none can exist in an empty state) stay.
+        restored.changed_jobs = std::mem::take(&mut self.changed_jobs);
+        restored.changed_jobs.extend(restored.jobs.keys().cloned());
         *self = restored;
         Ok(Response::Restored {
             jobs: self.jobs.len() as u64,

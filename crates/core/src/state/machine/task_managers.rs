@@ -114,6 +114,7 @@ impl DispatcherState {
         let mut failed = 0;
         let mut jobs = BTreeSet::new();
         for (task, attempt) in tm.slots.into_iter().flatten() {
+            self.touch(&task.job);
             let Some(job) = self.jobs.get_mut(&task.job) else {
                 continue;
             };
