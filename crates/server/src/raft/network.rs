@@ -476,6 +476,10 @@ fn classify(status: &tonic::Status) -> CallError {
             CallError::Unreachable(error(), describe(status))
         }
         Code::Unavailable => CallError::Unreachable(error(), describe(status)),
+        // We never cancel a peer call ourselves (a call we give up on is dropped, and
+        // yields no status): CANCELLED is hyper telling us the connection closed under
+        // the call, as when the peer stops. That peer is unreachable, not misbehaving.
+        Code::Cancelled => CallError::Unreachable(error(), describe(status)),
         Code::ResourceExhausted | Code::OutOfRange => CallError::TooLarge(0),
         _ => CallError::Network(error(), describe(status)),
     }
@@ -485,16 +489,19 @@ fn classify(status: &tonic::Status) -> CallError {
 /// ("tcp connect error: Connection refused (os error 111)"), instead of tonic's nested
 /// debug rendering.
 fn describe(status: &tonic::Status) -> String {
+    with_root_cause(status).unwrap_or_else(|| format!("{:?}: {}", status.code(), status.message()))
+}
+
+/// A status's message and the root cause of its source, if it has a source its
+/// message does not already name.
+pub fn with_root_cause(status: &tonic::Status) -> Option<String> {
     let mut root: Option<&dyn std::error::Error> = std::error::Error::source(status);
     while let Some(next) = root.and_then(|e| e.source()) {
         root = Some(next);
     }
-    match root {
-        Some(cause) if !status.message().contains(&cause.to_string()) => {
-            format!("{}: {cause}", status.message())
-        }
-        _ => format!("{:?}: {}", status.code(), status.message()),
-    }
+    root.map(|cause| cause.to_string())
+        .filter(|cause| !status.message().contains(cause.as_str()))
+        .map(|cause| format!("{}: {cause}", status.message()))
 }
 
 /// tonic reports its own client-side timeout as CANCELLED with a `TimeoutExpired`
@@ -872,6 +879,10 @@ mod tests {
         assert!(matches!(classify(&refused), CallError::Unreachable(..)));
         let internal = tonic::Status::internal("boom");
         assert!(matches!(classify(&internal), CallError::Network(..)));
+        // What a heartbeat in flight gets when the peer stops (seen in CI as an ERROR
+        // from openraft during a clean stop).
+        let closed = tonic::Status::cancelled("operation was canceled");
+        assert!(matches!(classify(&closed), CallError::Unreachable(..)));
     }
 
     #[test]

@@ -81,16 +81,7 @@ pub fn failed_here(status: &Status) -> bool {
 /// source ("tcp connect error: Connection refused (os error 111)"), instead of its nested
 /// debug rendering.
 pub fn describe(status: &Status) -> String {
-    let mut root: Option<&dyn std::error::Error> = std::error::Error::source(status);
-    while let Some(next) = root.and_then(|e| e.source()) {
-        root = Some(next);
-    }
-    match root {
-        Some(cause) if !status.message().contains(&cause.to_string()) => {
-            format!("{}: {cause}", status.message())
-        }
-        _ => status.message().to_string(),
-    }
+    crate::raft::network::with_root_cause(status).unwrap_or_else(|| status.message().to_string())
 }
 
 /// A follower's failure to forward to `leader`, as the caller sees it: UNAVAILABLE with
