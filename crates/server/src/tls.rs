@@ -10,12 +10,16 @@
 //! certificates.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
 use crate::raft::NodeId;
+
+/// How long a client has to complete its TLS handshake.
+pub const TLS_HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
 
 /// The three files, as configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,7 +105,9 @@ pub fn load(files: &TlsFiles) -> Result<ReplicaTls, TlsError> {
     let server = ServerTlsConfig::new()
         .identity(identity.clone())
         .client_ca_root(ca.clone())
-        .client_auth_optional(true);
+        .client_auth_optional(true)
+        // A handshake dribbled a byte at a time would hold a connection's place forever.
+        .timeout(TLS_HANDSHAKE_WITHIN);
     Ok(ReplicaTls {
         server,
         peer: PeerTls { identity, ca },

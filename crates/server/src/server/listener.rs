@@ -8,11 +8,15 @@
 //! (a client sees a reset and retries elsewhere); and `max_connections` is kept below
 //! the descriptor limit by [`FD_RESERVE`], so log files, snapshots and peer channels
 //! always find a descriptor. An accept that fails for want of descriptors backs off
-//! instead of spinning.
+//! instead of spinning. A connection holds its place only while it talks: one that has
+//! not sent its first [`FIRST_BYTES`] within [`FIRST_BYTES_WITHIN`] of being accepted
+//! (no TLS ClientHello, no HTTP/2 preface) is closed, so idle sockets opened by the
+//! thousand free their places on their own.
 //!
 //! Must never hold a connection it did not count, nor let the count leak: the permit
 //! lives inside the connection and is released when tonic drops it.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,6 +32,13 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 /// Descriptors left for everything but client connections: the log and snapshot files,
 /// connections to and from peers, forwarding channels, the process's own.
 pub const FD_RESERVE: u64 = 512;
+
+/// Bytes a new connection must send before [`FIRST_BYTES_WITHIN`]: the HTTP/2 client
+/// preface is 24 bytes and a TLS ClientHello is longer.
+pub const FIRST_BYTES: usize = 24;
+
+/// How long a new connection may stay silent.
+pub const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(10);
 
 /// How often a refused connection is logged at most.
 const REFUSAL_REPORT: Duration = Duration::from_secs(10);
@@ -60,6 +71,10 @@ pub fn effective_max_connections(configured: usize, fd_limit: Option<u64>) -> us
 pub struct Counted {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
+    /// Until the first bytes arrived: when the connection is closed without them.
+    silence: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes read so far, counted until [`FIRST_BYTES`].
+    seen: usize,
 }
 
 impl Connected for Counted {
@@ -76,7 +91,25 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        let Some(silence) = this.silence.as_mut() else {
+            return Pin::new(&mut this.stream).poll_read(cx, buf);
+        };
+        if silence.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "a new connection sent nothing in time",
+            )));
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = read {
+            this.seen += buf.filled().len() - before;
+            if this.seen >= FIRST_BYTES {
+                this.silence = None;
+            }
+        }
+        read
     }
 }
 
@@ -110,9 +143,14 @@ impl AsyncWrite for Counted {
     }
 }
 
-/// The connections of `listener`, at most `max` open at once, for tonic's
-/// `serve_with_incoming`. The accept loop ends when the server drops the stream.
-pub fn incoming(listener: TcpListener, max: usize) -> ReceiverStream<io::Result<Counted>> {
+/// The connections of `listener`, at most `max` open at once, each closed if it has not
+/// sent [`FIRST_BYTES`] within `first_bytes_within`, for tonic's `serve_with_incoming`.
+/// The accept loop ends when the server drops the stream.
+pub fn incoming(
+    listener: TcpListener,
+    max: usize,
+    first_bytes_within: Duration,
+) -> ReceiverStream<io::Result<Counted>> {
     let (tx, rx) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(max));
     tokio::spawn(async move {
@@ -145,6 +183,8 @@ pub fn incoming(listener: TcpListener, max: usize) -> ReceiverStream<io::Result<
             let conn = Counted {
                 stream,
                 _permit: permit,
+                silence: Some(Box::pin(tokio::time::sleep(first_bytes_within))),
+                seen: 0,
             };
             if tx.send(Ok(conn)).await.is_err() {
                 return;
@@ -195,7 +235,7 @@ mod tests {
         use tokio_stream::StreamExt;
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let mut conns = incoming(listener, 2);
+        let mut conns = incoming(listener, 2, FIRST_BYTES_WITHIN);
         let _a = TcpStream::connect(addr).await.expect("connect a");
         let _b = TcpStream::connect(addr).await.expect("connect b");
         let first = conns.next().await.expect("a").expect("a ok");
@@ -214,5 +254,48 @@ mod tests {
             .await
             .expect("accepted in time");
         assert!(matches!(fourth, Some(Ok(_))));
+    }
+
+    /// Idle sockets opened by the thousand once held every place until they closed: a
+    /// connection that sends nothing is closed at the deadline, one that speaks is not.
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_and_frees_its_place() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_stream::StreamExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut conns = incoming(listener, 1, Duration::from_millis(200));
+        let mut talker = TcpStream::connect(addr).await.expect("connect");
+        let mut served = conns.next().await.expect("accepted").expect("ok");
+        talker.write_all(&[7u8; FIRST_BYTES]).await.expect("write");
+        let mut got = [0u8; FIRST_BYTES];
+        served.read_exact(&mut got).await.expect("the bytes arrive");
+        // Past the deadline, the talker's connection still reads.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        talker.write_all(b"more").await.expect("write more");
+        let mut more = [0u8; 4];
+        served.read_exact(&mut more).await.expect("still open");
+        drop(served);
+        drop(talker);
+
+        let _silent = TcpStream::connect(addr).await.expect("connect");
+        let mut quiet = conns.next().await.expect("accepted").expect("ok");
+        let mut one = [0u8; 1];
+        let started = Instant::now();
+        let read = tokio::time::timeout(Duration::from_secs(10), quiet.read(&mut one))
+            .await
+            .expect("ended in time");
+        assert!(
+            matches!(&read, Err(e) if e.kind() == io::ErrorKind::TimedOut),
+            "{read:?}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        drop(quiet);
+        // Its place is free again.
+        let _next = TcpStream::connect(addr).await.expect("connect");
+        let next = tokio::time::timeout(Duration::from_secs(10), conns.next())
+            .await
+            .expect("accepted in time");
+        assert!(matches!(next, Some(Ok(_))));
     }
 }

@@ -203,7 +203,7 @@ pub async fn serve(
     ));
 
     let max_connections = listener::effective_max_connections(config.max_connections, fd_limit);
-    let incoming = listener::incoming(tcp, max_connections);
+    let incoming = listener::incoming(tcp, max_connections, listener::FIRST_BYTES_WITHIN);
     let mut builder = Server::builder();
     if let Some(t) = &tls {
         builder = builder.tls_config(t.server.clone())?;
