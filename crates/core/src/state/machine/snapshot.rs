@@ -113,6 +113,24 @@ impl StateView {
     pub fn digest(&self) -> Result<String, CodecError> {
         Ok(codec::digest_hex(&self.encode()?))
     }
+
+    /// The state of this primary data, its indexes rebuilt.
+    fn into_state(self) -> DispatcherState {
+        let mut s = DispatcherState {
+            config: self.config,
+            clock: self.clock,
+            next_seq: self.next_seq,
+            rr_cursor: self.rr_cursor,
+            jobs: self.jobs,
+            task_managers: self.task_managers,
+            tokens: self.tokens,
+            owners: self.owners,
+            limits: self.limits,
+            ..Default::default()
+        };
+        s.rebuild_indexes();
+        s
+    }
 }
 
 impl DispatcherState {
@@ -152,7 +170,7 @@ impl DispatcherState {
             limits = Some(r.read()?);
         }
         r.finish()?;
-        let mut s = DispatcherState {
+        let view = StateView {
             config: d.config,
             clock: d.clock,
             next_seq: d.next_seq,
@@ -162,16 +180,14 @@ impl DispatcherState {
             tokens,
             owners,
             limits,
-            ..Default::default()
         };
-        s.rebuild_indexes();
-        Ok(s)
+        Ok(view.into_state())
     }
 
     /// SHA-256 of the canonical encoding, in hex: replicas that applied the same log
     /// prefix have the same digest.
     pub fn digest(&self) -> Result<String, CodecError> {
-        Ok(codec::digest_hex(&self.encode()?))
+        self.view().digest()
     }
 
     /// Recomputes every derived index from the primary data.
@@ -218,20 +234,7 @@ impl DispatcherState {
 
     /// Derived data recomputed from scratch, for the invariant checker.
     pub(crate) fn derived_from_scratch(&self) -> DerivedView {
-        let mut fresh = DispatcherState {
-            config: self.config.clone(),
-            clock: self.clock,
-            next_seq: self.next_seq,
-            rr_cursor: self.rr_cursor.clone(),
-            jobs: self.jobs.clone(),
-            task_managers: self.task_managers.clone(),
-            tokens: self.tokens.clone(),
-            owners: self.owners.clone(),
-            limits: self.limits.clone(),
-            ..Default::default()
-        };
-        fresh.rebuild_indexes();
-        fresh.derived()
+        self.view().into_state().derived()
     }
 
     /// The derived data as kept incrementally.
