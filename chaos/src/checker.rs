@@ -12,13 +12,21 @@
 //! - every job ends terminal (the workload's tasks are short) with no task left on a
 //!   TaskManager that is gone;
 //! - availability: the share of operations acknowledged, and the longest window with no
-//!   acknowledged write.
+//!   acknowledged write;
+//! - liveness under load: no election while a fault that leaves the leader able to lead
+//!   is held (big entries, busy CPUs, throttling, a connection flood, a TaskManager
+//!   kill); every replica reports SERVING once healed; no replica's resident set grows
+//!   past [`RSS_BOUND_MIB`].
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
 use crate::workload::{Op, Outcome};
+
+/// The resident set a replica of a chaos run must stay under: the workload's state is
+/// a few MiB, so a replica past this is leaking.
+pub const RSS_BOUND_MIB: u64 = 1024;
 
 /// What the checker found.
 #[derive(Debug, Default, Serialize)]
@@ -50,6 +58,15 @@ pub struct Report {
     pub answered_share: f64,
     /// Longest window with no acknowledged write, ms.
     pub longest_write_gap_ms: u64,
+    /// Elections (a term rise on any replica) while a fault that leaves the leader able
+    /// to lead was held, or in the pause after it.
+    pub elections_with_healthy_leader: usize,
+    /// Elections over the whole run (the highest term at the end minus at the start).
+    pub elections: u64,
+    /// Replicas not SERVING on the health service after the heal.
+    pub not_serving_after_heal: usize,
+    /// The largest resident set of a replica seen, MiB.
+    pub max_rss_mib: u64,
     /// Human-readable violations (first few of each kind).
     pub violations: Vec<String>,
 }
@@ -64,9 +81,13 @@ impl Report {
             && self.attempts_on_two_task_managers == 0
             && self.digest_mismatches == 0
             && self.stuck_jobs == 0
+            && self.elections_with_healthy_leader == 0
+            && self.not_serving_after_heal == 0
+            && self.max_rss_mib <= RSS_BOUND_MIB
     }
 
-    fn violation(&mut self, v: String) {
+    /// Records a violation (the first 50 are kept).
+    pub fn violation(&mut self, v: String) {
         if self.violations.len() < 50 {
             self.violations.push(v);
         }

@@ -12,6 +12,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -27,6 +30,37 @@ pub fn bin_dir() -> PathBuf {
     std::env::var_os("CHAOS_BIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(dispatcher_testkit::bin_dir)
+}
+
+/// The connection bound the replicas run with (`--max-connections`): low, so that a
+/// connection flood reaches it without exhausting the harness's own descriptors.
+pub const MAX_CONNECTIONS: usize = 128;
+
+/// A background fault that runs until the heal: busy threads, or a throttling loop.
+struct Background {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Background {
+    fn spawn(n: usize, body: impl Fn(&AtomicBool) + Send + Sync + 'static) -> Background {
+        let stop = Arc::new(AtomicBool::new(false));
+        let body = Arc::new(body);
+        let threads = (0..n)
+            .map(|_| {
+                let (stop, body) = (stop.clone(), body.clone());
+                std::thread::spawn(move || body(&stop))
+            })
+            .collect();
+        Background { stop, threads }
+    }
+
+    fn end(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A process we started.
@@ -74,9 +108,29 @@ impl Proc {
         Ok(())
     }
 
-    /// Whether it runs.
-    pub fn running(&self) -> bool {
+    /// Whether it runs (a process that exited by itself, as a replica does on a fatal
+    /// storage error, is reaped here and counts as stopped).
+    pub fn running(&mut self) -> bool {
+        if let Some(c) = &mut self.child {
+            if let Ok(Some(_)) = c.try_wait() {
+                self.child = None;
+            }
+        }
         self.child.is_some()
+    }
+
+    /// Its pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Its resident set in MiB, from /proc (None if it is not running or /proc cannot
+    /// tell).
+    pub fn rss_mib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib / 1024)
     }
 
     fn signal(&self, sig: Signal) {
@@ -107,6 +161,38 @@ pub struct Cluster {
     pub links: BTreeMap<(u64, u64), Proxy>,
     /// The certificates and tokens directory, when secured.
     pub certs: Option<PathBuf>,
+    /// Busy threads or a throttling loop, until the heal.
+    background: Vec<Background>,
+    /// Idle connections of a flood, until the heal.
+    flood: Vec<std::net::TcpStream>,
+    /// The replica whose data is on a small tmpfs of its own, and that mount, when the
+    /// harness may mount (root): the one a disk-full fault fills.
+    pub disk: Option<(u64, PathBuf)>,
+}
+
+/// The size of the tmpfs under the last replica's data.
+const DISK_MIB: u64 = 256;
+
+/// Mounts a tmpfs of [`DISK_MIB`] at `at`; false if this process may not mount.
+fn mount_tmpfs(at: &Path) -> bool {
+    unmount(at);
+    if std::fs::create_dir_all(at).is_err() {
+        return false;
+    }
+    Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={DISK_MIB}m"), "tmpfs"])
+        .arg(at)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Unmounts `at` if something is mounted there (a mount left by an aborted run too).
+pub fn unmount(at: &Path) {
+    let _ = Command::new("umount")
+        .arg(at)
+        .stderr(Stdio::null())
+        .status();
 }
 
 impl Cluster {
@@ -157,7 +243,14 @@ impl Cluster {
             task_managers: BTreeMap::new(),
             links,
             certs,
+            background: Vec::new(),
+            flood: Vec::new(),
+            disk: None,
         };
+        let disk_mount = dir.join(format!("disk-{replicas}"));
+        if mount_tmpfs(&disk_mount) {
+            c.disk = Some((replicas, disk_mount));
+        }
         for id in 1..=replicas {
             let peers = (1..=replicas)
                 .filter(|p| *p != id)
@@ -170,11 +263,13 @@ impl Cluster {
                 "--listen".into(),
                 addrs[&id].clone(),
                 "--data-dir".into(),
-                dir.join(format!("data/{id}")).display().to_string(),
+                c.data_dir(id).display().to_string(),
                 "--initial-cluster".into(),
                 initial.clone(),
                 "--peer-addresses".into(),
                 peers,
+                "--max-connections".into(),
+                MAX_CONNECTIONS.to_string(),
             ];
             if let Some(certs) = &c.certs {
                 let file = |name: &str| certs.join(name).display().to_string();
@@ -289,14 +384,42 @@ impl Cluster {
     /// Restarts a replica from its data directory.
     pub fn start_replica(&mut self, id: u64) -> anyhow::Result<()> {
         match self.replicas.get_mut(&id) {
-            Some(p) if !p.running() => p.spawn(&bin_dir().join("dispatcher")),
-            _ => Ok(()),
+            Some(p) => {
+                if p.running() {
+                    return Ok(());
+                }
+                p.spawn(&bin_dir().join("dispatcher"))
+            }
+            None => Ok(()),
         }
+    }
+
+    /// Where replica `id` keeps its data: on the tmpfs for the disk replica.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        match &self.disk {
+            Some((d, mount)) if *d == id => mount.join("data"),
+            _ => self.dir.join(format!("data/{id}")),
+        }
+    }
+
+    /// Fills the disk replica's tmpfs with a file until the disk is full; returns the
+    /// replica and the MiB written, or None if no tmpfs could be mounted.
+    pub fn fill_disk(&mut self) -> Option<(u64, u64)> {
+        use std::io::Write;
+        let (id, mount) = self.disk.clone()?;
+        let mut written = 0u64;
+        if let Ok(mut f) = std::fs::File::create(mount.join("fill")) {
+            let chunk = vec![0u8; 1 << 20];
+            while f.write_all(&chunk).is_ok() {
+                written += 1;
+            }
+        }
+        Some((id, written))
     }
 
     /// Deletes a stopped replica's data directory.
     pub fn wipe_replica(&mut self, id: u64) -> anyhow::Result<()> {
-        let dir = self.dir.join(format!("data/{id}"));
+        let dir = self.data_dir(id);
         if dir.exists() {
             std::fs::remove_dir_all(dir)?;
         }
@@ -327,6 +450,60 @@ impl Cluster {
         }
     }
 
+    /// `threads` threads spinning until the heal.
+    pub fn start_cpu_hog(&mut self, threads: usize) {
+        self.background.push(Background::spawn(threads, |stop| {
+            let mut x: u64 = 1;
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..100_000 {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            }
+        }));
+    }
+
+    /// Replica `id` stopped for `stopped_ms` of every 100 ms until the heal, as the
+    /// kernel throttles a cgroup over its CPU quota (CFS periods are 100 ms).
+    pub fn throttle_replica(&mut self, id: u64, stopped_ms: u64) {
+        let Some(pid) = self.replicas.get(&id).and_then(Proc::pid) else {
+            return;
+        };
+        let stopped = Duration::from_millis(stopped_ms.min(99));
+        let running = Duration::from_millis(100) - stopped;
+        self.background.push(Background::spawn(1, move |stop| {
+            while !stop.load(Ordering::Relaxed) {
+                signal::send(pid, Signal::SIGSTOP);
+                std::thread::sleep(stopped);
+                signal::send(pid, Signal::SIGCONT);
+                std::thread::sleep(running);
+            }
+        }));
+    }
+
+    /// Opens up to `n` idle TCP connections to replica `id`'s client port, held until the
+    /// heal; returns how many connected (a replica past its bound accepts and closes).
+    pub fn flood_connections(&mut self, id: u64, n: usize) -> usize {
+        let Some(addr) = self.addrs.get(&id).and_then(|a| a.parse().ok()) else {
+            return 0;
+        };
+        for _ in 0..n {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                Ok(s) => self.flood.push(s),
+                Err(_) => break,
+            }
+        }
+        self.flood.len()
+    }
+
+    /// The largest resident set of a running replica, MiB.
+    pub fn max_replica_rss_mib(&self) -> u64 {
+        self.replicas
+            .values()
+            .filter_map(Proc::rss_mib)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// kill -9 of a TaskManager.
     pub fn kill_tm(&mut self, id: &str) {
         if let Some(p) = self.task_managers.get_mut(id) {
@@ -337,8 +514,13 @@ impl Cluster {
     /// Restarts a TaskManager.
     pub fn start_tm(&mut self, id: &str) -> anyhow::Result<()> {
         match self.task_managers.get_mut(id) {
-            Some(p) if !p.running() => p.spawn(&bin_dir().join("taskmanager")),
-            _ => Ok(()),
+            Some(p) => {
+                if p.running() {
+                    return Ok(());
+                }
+                p.spawn(&bin_dir().join("taskmanager"))
+            }
+            None => Ok(()),
         }
     }
 
@@ -353,6 +535,15 @@ impl Cluster {
 
     /// Every link back to normal, every process resumed and running.
     pub fn heal(&mut self) -> anyhow::Result<()> {
+        // Background faults end first: a throttling loop must not stop a replica again
+        // after the resume below.
+        for b in self.background.drain(..) {
+            b.end();
+        }
+        self.flood.clear();
+        if let Some((_, mount)) = &self.disk {
+            let _ = std::fs::remove_file(mount.join("fill"));
+        }
         for p in self.links.values() {
             p.set(LinkMode::Pass);
         }
@@ -375,6 +566,10 @@ impl Cluster {
 
     /// Stops everything.
     pub fn stop_all(&mut self) {
+        for b in self.background.drain(..) {
+            b.end();
+        }
+        self.flood.clear();
         for p in self.task_managers.values_mut() {
             p.kill();
         }
@@ -392,5 +587,8 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop_all();
+        if let Some((_, mount)) = &self.disk {
+            unmount(mount);
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! The chaos harness: real `dispatcher` replicas and `taskmanager` agents on loopback,
 //! faults scheduled from one seed (kill, pause, partitions through per-link proxies, slow
-//! and flaky links, TaskManager kills, crash of every replica), a workload of concurrent
-//! clients recording a history, a heal phase, and a checker of the brief's invariants.
+//! and flaky links, TaskManager kills, crash of every replica, membership churn, and
+//! load: big entries to a lagging follower, busy CPUs, CPU throttling, connection
+//! floods, a full disk), a workload of concurrent clients recording a history, a heal phase, and a
+//! checker of the brief's invariants and of liveness under load.
 //!
 //! ```text
 //! cargo run -p chaos -- run --seed 7 --duration 120 --nemesis all
@@ -64,7 +66,8 @@ struct RunArgs {
     /// Seconds of faults (the heal phase comes after).
     #[arg(long, default_value_t = 60)]
     duration: u64,
-    /// Nemeses: all, kill, pause, partition, links, taskmanager, crash, or kind names.
+    /// Nemeses: all, kill, pause, partition, links, taskmanager, crash, membership, load,
+    /// disk, or kind names.
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// Replicas.
@@ -129,12 +132,65 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn leader_of(client: &Client) -> Option<u64> {
-    let s = tokio::time::timeout(Duration::from_millis(800), client.cluster_status())
-        .await
-        .ok()?
-        .ok()?;
-    (s.leader_id > 0).then_some(s.leader_id)
+/// The leader, if one is known, and the highest term any replica reports (None if the
+/// status call failed).
+async fn observe(client: &Client) -> (Option<u64>, Option<u64>) {
+    let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(800), client.cluster_status()).await
+    else {
+        return (None, None);
+    };
+    let term = s.replicas.iter().map(|r| r.term).max();
+    ((s.leader_id > 0).then_some(s.leader_id), term)
+}
+
+/// A fault that leaves the leader able to lead, with the highest term before it.
+struct Held {
+    kind: Kind,
+    target: String,
+    at_ms: u64,
+    term: u64,
+}
+
+impl Held {
+    /// An election since the fault began is a liveness violation.
+    fn check(self, report: &mut checker::Report, term_now: Option<u64>) {
+        let Some(now) = term_now else { return };
+        if now > self.term {
+            report.elections_with_healthy_leader += 1;
+            report.violation(format!(
+                "term {} -> {now} during {:?} on {} at {} ms, with the leader able to lead",
+                self.term, self.kind, self.target, self.at_ms
+            ));
+        }
+    }
+}
+
+/// Submits the big jobs of a [`Kind::BigEntries`] fault while its follower is down;
+/// returns the acknowledged ones (id, name) and what happened.
+async fn submit_big_jobs(
+    client: &Client,
+    rng: &mut StdRng,
+    seed: u64,
+    at_ms: u64,
+) -> (Vec<(String, String)>, String) {
+    use rand::Rng;
+    let n = rng.gen_range(nemesis::BIG_JOBS);
+    let mut acked = Vec::new();
+    let mut bytes_total = 0;
+    for k in 0..n {
+        let bytes = rng.gen_range(nemesis::BIG_JOB_BYTES);
+        let name = format!("big-{seed}-{at_ms}-{k}");
+        if let Ok(r) = client.submit_job(None, spec::big_job(&name, bytes)).await {
+            acked.push((r.job_id, name));
+            bytes_total += bytes;
+        }
+    }
+    let what = format!(
+        "{} of {n} big jobs acknowledged ({} KiB)",
+        acked.len(),
+        bytes_total / 1024
+    );
+    (acked, what)
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
@@ -144,6 +200,12 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
             // A fresh cluster every run: data of an earlier run would make these replicas
             // rejoin that run's cluster, at ports nobody listens on any more.
             if o.exists() {
+                // A disk-full tmpfs left mounted by an aborted run.
+                for e in std::fs::read_dir(o)?.flatten() {
+                    if e.file_name().to_string_lossy().starts_with("disk-") {
+                        cluster::unmount(&e.path());
+                    }
+                }
                 std::fs::remove_dir_all(o)?;
             }
             std::fs::create_dir_all(o)?;
@@ -194,19 +256,40 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
         })
         .collect();
 
+    let mut report = checker::Report::default();
     let mut faults: Vec<Fault> = Vec::new();
+    let mut held: Option<Held> = None;
+    let mut big_jobs: Vec<(String, String)> = Vec::new();
+    let first_term = observe(&client).await.1;
     let end = started + Duration::from_secs(args.duration);
     while Instant::now() < end {
         let (hold, rest) = nemesis::timings(&mut rng);
         tokio::time::sleep(rest).await;
-        let leader = leader_of(&client).await;
+        let (leader, term) = observe(&client).await;
+        if let Some(h) = held.take() {
+            h.check(&mut report, term);
+        }
         let at_ms = started.elapsed().as_millis() as u64;
         let (kind, mut target) = nemesis::inject(&mut c, &mut rng, &kinds, leader)?;
         if kind == Kind::Churn {
             let id: u64 = target.parse().unwrap_or(1);
             target = nemesis::churn(&mut c, &client, id).await;
         }
+        if kind == Kind::BigEntries {
+            let (acked, what) = submit_big_jobs(&client, &mut rng, args.seed, at_ms).await;
+            big_jobs.extend(acked);
+            target = format!("{target} down; {what}");
+        }
+        if let (true, Some(term)) = (kind.leader_stays_healthy(), term) {
+            held = Some(Held {
+                kind,
+                target: target.clone(),
+                at_ms,
+                term,
+            });
+        }
         tokio::time::sleep(hold).await;
+        report.max_rss_mib = report.max_rss_mib.max(c.max_replica_rss_mib());
         c.heal()?;
         println!(
             "  {at_ms:>7} ms {kind:?} on {target} for {} ms",
@@ -227,7 +310,11 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
 
     // Heal phase: no faults; the cluster must converge and accept writes.
     c.heal()?;
-    let mut report = checker::Report::default();
+    if let Some(h) = held.take() {
+        // The pause after the last fault, as the others had theirs.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        h.check(&mut report, observe(&client).await.1);
+    }
     if let Err(e) = wait_converged(&client, Duration::from_secs(60)).await {
         report.digest_mismatches += 1;
         report
@@ -293,6 +380,30 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
             )
         })
         .collect();
+    for (id, name) in &big_jobs {
+        if !final_map.contains_key(id) {
+            report.lost += 1;
+            report.violation(format!("acknowledged big job {id} ({name}) is missing"));
+        }
+    }
+    if let (Some(first), Some(last)) = (first_term, observe(&client).await.1) {
+        report.elections = last.saturating_sub(first);
+    }
+    report.not_serving_after_heal = not_serving(&c).await;
+    if report.not_serving_after_heal > 0 {
+        report.violation(format!(
+            "{} replica(s) not SERVING after the heal",
+            report.not_serving_after_heal
+        ));
+    }
+    report.max_rss_mib = report.max_rss_mib.max(c.max_replica_rss_mib());
+    if report.max_rss_mib > checker::RSS_BOUND_MIB {
+        report.violation(format!(
+            "a replica's resident set reached {} MiB (bound {} MiB)",
+            report.max_rss_mib,
+            checker::RSS_BOUND_MIB
+        ));
+    }
     let hist = history.lock().map(|h| h.clone()).unwrap_or_default();
     checker::check_history(&mut report, &hist, &final_map, run_ms);
     let mut records = BTreeMap::new();
@@ -343,6 +454,11 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
         report.read_violations, report.double_booked_slots, report.attempts_on_two_task_managers,
         report.digest_mismatches, report.stuck_jobs, report.longest_write_gap_ms,
     );
+    println!(
+        "chaos: seed {}: {} elections, {} with the leader able to lead; {} replicas not SERVING after the heal; largest replica RSS {} MiB",
+        args.seed, report.elections, report.elections_with_healthy_leader,
+        report.not_serving_after_heal, report.max_rss_mib,
+    );
     if !report.passed() {
         for v in &report.violations {
             println!("  violation: {v}");
@@ -350,6 +466,41 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
         println!("reproduce: {}", args.repro());
     }
     Ok(report)
+}
+
+/// How many replicas do not answer SERVING on the gRPC health service (within 10 s
+/// each, for a replica that has just learnt of its leader).
+async fn not_serving(c: &Cluster) -> usize {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let Ok(cfg) = c.client_config() else {
+        return c.addrs.len();
+    };
+    let mut bad = 0;
+    for addr in c.addrs.values() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let serving = loop {
+            let status = async {
+                let channel = cfg.endpoint(addr).ok()?.connect().await.ok()?;
+                let r = HealthClient::new(channel)
+                    .check(HealthCheckRequest::default())
+                    .await
+                    .ok()?;
+                Some(r.into_inner().status())
+            };
+            let ok = tokio::time::timeout(Duration::from_secs(2), status).await;
+            if matches!(ok, Ok(Some(ServingStatus::Serving))) {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        bad += usize::from(!serving);
+    }
+    bad
 }
 
 /// Waits until every replica answers with the same applied index and digest.

@@ -40,11 +40,24 @@ pub enum Kind {
     /// Membership churn: a replica is removed from the cluster, wiped, started afresh
     /// and added back as a learner, then promoted to voter.
     Churn,
+    /// kill -9 of a follower, then jobs of megabytes submitted while it is down; it
+    /// restarts at the heal and must catch up without an election.
+    BigEntries,
+    /// Busy threads on every core beside the cluster, as a build or a noisy neighbour.
+    CpuHog,
+    /// A replica stopped for part of every 100 ms, as a container over its CPU quota is
+    /// throttled by the kernel.
+    Throttle,
+    /// Hundreds of idle TCP connections to the leader, past its connection bound.
+    ConnectionFlood,
+    /// The last replica's disk (a small tmpfs) filled up: it must stop serving and exit,
+    /// and come back when the space is.
+    DiskFull,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 18] = [
         Kind::KillLeader,
         Kind::KillReplica,
         Kind::PauseLeader,
@@ -58,10 +71,28 @@ impl Kind {
         Kind::KillTaskManager,
         Kind::CrashAll,
         Kind::Churn,
+        Kind::BigEntries,
+        Kind::CpuHog,
+        Kind::Throttle,
+        Kind::ConnectionFlood,
+        Kind::DiskFull,
     ];
 
-    /// Parses `kill`, `pause`, `partition`, `links`, `taskmanager`, `crash`, `all`, or a
-    /// kind's name in snake case.
+    /// Faults that leave the leader able to lead: an election while one is held is a
+    /// liveness bug (the leader was deposed by load, not by a failure).
+    pub fn leader_stays_healthy(self) -> bool {
+        matches!(
+            self,
+            Kind::BigEntries
+                | Kind::CpuHog
+                | Kind::Throttle
+                | Kind::ConnectionFlood
+                | Kind::KillTaskManager
+        )
+    }
+
+    /// Parses `kill`, `pause`, `partition`, `links`, `taskmanager`, `crash`,
+    /// `membership`, `load`, `disk`, `all`, or a kind's name in snake case.
     pub fn parse_list(raw: &str) -> Result<Vec<Kind>, String> {
         let mut out = Vec::new();
         for part in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -74,6 +105,13 @@ impl Kind {
                 "taskmanager" => &[Kind::KillTaskManager],
                 "crash" => &[Kind::CrashAll],
                 "membership" => &[Kind::Churn],
+                "load" => &[
+                    Kind::BigEntries,
+                    Kind::CpuHog,
+                    Kind::Throttle,
+                    Kind::ConnectionFlood,
+                ],
+                "disk" => &[Kind::DiskFull],
                 other => {
                     let k = Kind::ALL
                         .iter()
@@ -103,6 +141,14 @@ fn snake(camel: &str) -> String {
     }
     s
 }
+
+/// Idle connections a flood opens: past the replicas' bound
+/// ([`crate::cluster::MAX_CONNECTIONS`]), so that some are refused.
+pub const FLOOD_CONNECTIONS: usize = 400;
+
+/// Jobs submitted while a follower is down, and their size range in bytes.
+pub const BIG_JOBS: std::ops::Range<usize> = 3..6;
+pub const BIG_JOB_BYTES: std::ops::Range<usize> = 1 << 20..3 << 20;
 
 /// One injected fault, for the history.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -210,6 +256,36 @@ pub fn inject(
         }
         // Done by the runner, which talks to the cluster (see `churn`).
         Kind::Churn => random.to_string(),
+        Kind::BigEntries => {
+            // A follower: the point is the catch-up, with the leader left to serve.
+            let followers: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|id| Some(*id) != leader)
+                .collect();
+            let victim = *followers.choose(rng).unwrap_or(&random);
+            c.kill_replica(victim);
+            victim.to_string()
+        }
+        Kind::CpuHog => {
+            let threads = rng.gen_range(2..6);
+            c.start_cpu_hog(threads);
+            format!("{threads} busy threads")
+        }
+        Kind::Throttle => {
+            let stopped_ms = rng.gen_range(20..60);
+            c.throttle_replica(leader_or_random, stopped_ms);
+            format!("{leader_or_random}: stopped {stopped_ms} ms of every 100 ms")
+        }
+        Kind::ConnectionFlood => {
+            let n = FLOOD_CONNECTIONS;
+            let opened = c.flood_connections(leader_or_random, n);
+            format!("{leader_or_random}: {opened} of {n} connections opened")
+        }
+        Kind::DiskFull => match c.fill_disk() {
+            Some((id, mib)) => format!("{id}: disk filled with {mib} MiB"),
+            None => "skipped: no tmpfs could be mounted (needs root)".into(),
+        },
     };
     Ok((kind, target))
 }
