@@ -258,6 +258,7 @@ pub async fn run(
     let bound = Bound {
         count: args.submits,
         time: Duration::from_secs(120),
+        rate: None,
     };
 
     let without = workload::submit(&sys, args.submitters, bound, quiet).await?;

@@ -78,6 +78,10 @@ enum Cmd {
         count: u64,
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+        /// Writes per second for all writers together (0: as fast as acknowledged), to
+        /// grow the state steadily over a long run.
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
     },
     /// kill -9 (or SIGSTOP) of the leader under a steady stream of submissions.
     Failover {
@@ -252,11 +256,13 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             concurrency,
             count,
             seconds,
+            rate,
         } => {
             let sys = start(cli, *system, security(cli), None).await?;
             let bound = Bound {
                 count: *count,
                 time: Duration::from_secs(*seconds),
+                rate: (*rate > 0.0).then_some(*rate),
             };
             let mut results = Vec::new();
             for c in concurrency {
@@ -364,6 +370,7 @@ async fn compare(
     let bound = Bound {
         count,
         time: Duration::from_secs(seconds),
+        rate: None,
     };
     let mut out = Comparison {
         submit: vec![],

@@ -56,9 +56,13 @@ pub struct SubmitResult {
 pub struct Bound {
     pub count: u64,
     pub time: Duration,
+    /// Writes per second for all writers together, spread evenly; None: each writer
+    /// sends its next write as soon as the previous one is acknowledged.
+    pub rate: Option<f64>,
 }
 
-/// Closed-loop writers: each sends its next write when the previous one is acknowledged.
+/// Closed-loop writers: each sends its next write when the previous one is acknowledged
+/// (and, with a rate, not before its turn in the schedule).
 pub async fn submit(
     sys: &dyn System,
     concurrency: usize,
@@ -88,7 +92,15 @@ pub async fn submit(
         let bar = bar.clone();
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::new();
-            while issued.fetch_add(1, Ordering::Relaxed) < bound.count && Instant::now() < stop_at {
+            loop {
+                let n = issued.fetch_add(1, Ordering::Relaxed);
+                if n >= bound.count || Instant::now() >= stop_at {
+                    break;
+                }
+                if let Some(rate) = bound.rate.filter(|r| *r > 0.0) {
+                    let due = started + Duration::from_secs_f64(n as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                }
                 let key = uuid::Uuid::new_v4().to_string();
                 let t = Instant::now();
                 let (failed, _) =
