@@ -514,6 +514,14 @@ impl ProcCluster {
     }
 }
 
+/// A line of a Rust backtrace: `  12: some::function` or `             at src/x.rs:3:4`.
+fn is_backtrace_frame(line: &str) -> bool {
+    let t = line.trim_start();
+    t.starts_with("at ")
+        || t.split_once(": ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 impl Drop for ProcCluster {
     fn drop(&mut self) {
         // A failing test shows how each replica ended and the end of its log: a replica
@@ -522,7 +530,9 @@ impl Drop for ProcCluster {
             for (id, p) in self.procs.iter_mut() {
                 let exit = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
                 let log = std::fs::read_to_string(&p.log).unwrap_or_default();
-                let lines: Vec<&str> = log.lines().collect();
+                // Without backtrace frames, which would push a panic's message (the one
+                // line that says what happened) out of the tail.
+                let lines: Vec<&str> = log.lines().filter(|l| !is_backtrace_frame(l)).collect();
                 let tail = lines[lines.len().saturating_sub(25)..].join("\n");
                 eprintln!("--- replica {id} (exited: {exit:?}), last log lines:\n{tail}");
             }

@@ -95,7 +95,8 @@
 //! - `HigherVote` above the vote we sent (`replication` and the read barrier assert it)
 //!   and not naming this replica (only we can speak for our own leadership);
 //! - `PartialSuccess(m)`: `prev_log_id <= m <= last sent` (asserted in `replication`
-//!   and by `progress::Inflight::ack`);
+//!   and by `progress::Inflight::ack`), and never `PartialSuccess(None)`
+//!   (`replication_handler::update_matching` asserts progress is never `None`);
 //! - `Conflict` only to a request with a `prev_log_id` (`replication` unwraps it: a
 //!   panic in release builds too).
 //!
@@ -678,9 +679,12 @@ pub fn check_append_entries_response(
         AppendEntriesResponse::Success => Ok(()),
         AppendEntriesResponse::PartialSuccess(matching) => {
             let last = req.entries.last().map(|e| e.log_id).or(req.prev_log_id);
-            if let Some(m) = matching {
-                check_log_id("PartialSuccess", m)?;
-            }
+            // openraft asserts that progress never goes to None
+            // (`replication_handler::update_matching`), even for an empty follower.
+            let Some(m) = matching else {
+                return Err(Refusal::Answer("PartialSuccess(None)".into()));
+            };
+            check_log_id("PartialSuccess", m)?;
             let within = matching.as_ref() >= req.prev_log_id.as_ref()
                 && matching.as_ref() <= last.as_ref()
                 && matching.map(|m| m.index) >= req.prev_log_id.map(|p| p.index)
@@ -1185,6 +1189,12 @@ mod tests {
         assert!(
             check_append_entries_response(2, &no_prev, &AppendEntriesResponse::Conflict).is_err()
         );
+        assert!(check_append_entries_response(
+            2,
+            &no_prev,
+            &AppendEntriesResponse::PartialSuccess(None)
+        )
+        .is_err());
         let vr = VoteResponse::new(vote(u64::MAX, 3, false), None, false);
         assert!(check_vote_response(&vr).is_err());
         let vr = VoteResponse::new(vote(6, 1, false), Some(lid(5, 2, 12)), true);

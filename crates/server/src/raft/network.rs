@@ -678,12 +678,12 @@ impl PeerClient {
             leader_commit: rpc.leader_commit,
             entries: vec![],
         };
-        match self.append_now(heartbeat, ttl).await? {
-            AppendEntriesResponse::Success => {
-                Ok(AppendEntriesResponse::PartialSuccess(rpc.prev_log_id))
-            }
-            other => Ok(other),
-        }
+        let answer = self.append_now(heartbeat, ttl).await?;
+        append::heartbeat_progress(answer, rpc.prev_log_id).ok_or_else(|| {
+            // The follower heard its leader, but there is no progress to report yet.
+            let why = "its entries are still on their way".to_string();
+            self.rpc_error(CallError::Timeout(why), RpcKind::Append, ttl, 1)
+        })
     }
 }
 

@@ -151,6 +151,24 @@ pub fn progress(
     }
 }
 
+/// What to tell openraft when a heartbeat stood in for a call whose entries follow
+/// `prev`: its `Success` is progress up to `prev`, and nothing when `prev` is `None`
+/// (the follower's log was empty): openraft 0.9 panics on progress to `None`
+/// (`replication_handler` "a valid update can never set matching to None"; caught by
+/// the backup e2e test on a loaded machine, where the first append to an empty
+/// follower outlived the interval).
+pub fn heartbeat_progress(
+    answer: AppendEntriesResponse<NodeId>,
+    prev: Option<LogId>,
+) -> Option<AppendEntriesResponse<NodeId>> {
+    match answer {
+        AppendEntriesResponse::Success => {
+            prev.map(|p| AppendEntriesResponse::PartialSuccess(Some(p)))
+        }
+        other => Some(other),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +254,25 @@ mod tests {
         assert_eq!(
             progress(AppendEntriesResponse::Conflict, sent, want),
             AppendEntriesResponse::Conflict
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_never_reports_progress_to_nothing() {
+        let prev = Some(log_id(1, 4));
+        assert_eq!(
+            heartbeat_progress(AppendEntriesResponse::Success, prev),
+            Some(AppendEntriesResponse::PartialSuccess(prev))
+        );
+        assert_eq!(
+            heartbeat_progress(AppendEntriesResponse::Success, None),
+            None
+        );
+        let higher = AppendEntriesResponse::HigherVote(Vote::new_committed(2, 2));
+        assert_eq!(heartbeat_progress(copy(&higher), None), Some(higher));
+        assert_eq!(
+            heartbeat_progress(AppendEntriesResponse::Conflict, prev),
+            Some(AppendEntriesResponse::Conflict)
         );
     }
 
