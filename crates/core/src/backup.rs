@@ -40,7 +40,9 @@ pub enum BackupError {
         source: std::io::Error,
     },
     /// The file is not a backup this build can read, or its checksum does not match.
-    #[error("{path}: not a readable backup ({source}); it is damaged or not a backup: use another copy")]
+    #[error(
+        "{path}: not a readable backup ({source}); it is damaged or not a backup: use another copy"
+    )]
     Format {
         /// The file.
         path: String,
@@ -92,10 +94,11 @@ impl Backup {
             path: name.clone(),
             source,
         })?;
-        let backup: Backup = codec::decode_checked(&bytes).map_err(|source| BackupError::Format {
-            path: name.clone(),
-            source,
-        })?;
+        let backup: Backup =
+            codec::decode_checked(&bytes).map_err(|source| BackupError::Format {
+                path: name.clone(),
+                source,
+            })?;
         if codec::digest_hex(&backup.state) != backup.digest {
             return Err(BackupError::Corrupt { path: name });
         }
@@ -145,7 +148,10 @@ mod tests {
             assert!(msg.contains("another copy"), "{msg}");
         }
         std::fs::write(&path, &good[..good.len() / 2]).expect("write");
-        assert!(Backup::read(&path).is_err(), "a truncated backup is refused");
+        assert!(
+            Backup::read(&path).is_err(),
+            "a truncated backup is refused"
+        );
     }
 
     #[test]

@@ -272,7 +272,10 @@ mod tests {
         let v = (7u64, "seven".to_string(), vec![1u8, 2, 3]);
         let bytes = encode_checked(&v).expect("encode");
         assert_eq!(bytes[0], CHECKED_MARK);
-        assert_eq!(&bytes[CHECKED_HEADER..], encode(&v).expect("bare").as_slice());
+        assert_eq!(
+            &bytes[CHECKED_HEADER..],
+            encode(&v).expect("bare").as_slice()
+        );
         let back: (u64, String, Vec<u8>) = decode_checked(&bytes).expect("decode");
         assert_eq!(back, v);
         for i in 0..bytes.len() {
