@@ -8,6 +8,8 @@
 //! drops everything after it, silently. It also asserts (panics) on some damage. So at
 //! start-up this module:
 //! - opens sled under [`catch_panic`], turning a panic inside sled into a refusal;
+//! - refuses sled files that lost the identity record (the first record of a directory:
+//!   if it is gone, sled dropped everything from a damaged record on);
 //! - reads every log entry, the vote, the committed id and the purge point back through
 //!   their checks, and checks that the log has no hole and that every key holds the
 //!   entry of its index;
@@ -97,6 +99,10 @@ pub fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 /// Opens the Raft log under `dir` and checks everything in it (see the module doc).
 /// Returns the store and whether the directory was created just now.
 pub async fn open_log(dir: &Path, identity: &Identity) -> Result<(LogStore, bool), OpenError> {
+    // sled's data file exists once a directory was opened; the identity record is the
+    // first thing written into a new one. Files without it mean sled dropped what it
+    // found damaged (everything after the first bad record, silently).
+    let existed = dir.join("db").exists();
     let opened = catch_panic(|| LogStore::open(dir, identity)).map_err(|panic| {
         Corruption::new(
             dir,
@@ -104,6 +110,14 @@ pub async fn open_log(dir: &Path, identity: &Identity) -> Result<(LogStore, bool
         )
     })?;
     let (mut log, fresh) = opened?;
+    if existed && fresh {
+        return Err(Corruption::new(
+            dir,
+            "sled's files exist but hold no identity record: sled dropped records it found \
+             damaged (the vote and log entries with them)",
+        )
+        .into());
+    }
     log.verify().await?;
     Ok((log, fresh))
 }
