@@ -349,6 +349,32 @@ async fn a_backup_restores_into_a_new_cluster() {
     let backup = dispatcher_core::backup::Backup::read(&backup_file).expect("a valid backup");
     drop(a);
 
+    // A damaged copy is refused before anything starts: exit 1, naming the file.
+    let damaged = keep.path().join("damaged.bin");
+    let mut bytes = std::fs::read(&backup_file).expect("backup");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x08;
+    std::fs::write(&damaged, &bytes).expect("write");
+    let fresh = keep.path().join("fresh");
+    let out = run_dispatcher(&[
+        "--id",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        fresh.to_str().expect("utf-8"),
+        "--initial-cluster",
+        "1=127.0.0.1:1",
+        "--restore",
+        damaged.to_str().expect("utf-8"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(damaged.to_str().expect("utf-8")) && err.contains("checksum mismatch"),
+        "{err}"
+    );
+
     let file = backup_file.to_str().expect("utf-8");
     let b = ProcCluster::start_plain_custom(3, &[], &["--restore", file]);
     let client = b.client();

@@ -273,6 +273,9 @@ impl PeerInbox {
                 data.len()
             )));
         }
+        if let Err(e) = super::sm_store::check_named_digest(&req.meta, &data) {
+            return Err(Refusal::Snapshot(format!("the assembled snapshot: {e}")));
+        }
         let view = match self.step_down_first(view, req.vote).await {
             Ok(v) => v,
             Err(f) => return Ok(Err(RaftError::Fatal(f))),

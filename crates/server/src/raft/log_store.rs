@@ -6,6 +6,12 @@
 //! - tree `meta`: `vote`, `committed`, `last_purged`, and the replica's identity
 //!   (`identity`: cluster name, node id, format version), each codec-encoded.
 //!
+//! Every value is a checked codec frame (`codec::encode_checked`, a CRC-32 per value):
+//! a value whose bytes changed is refused on read, as a [`Corruption`] naming the
+//! database and the way back, which stops the Raft core (the replica exits 1). Values
+//! of older builds (bare codec encodings) are still read, unchecked, until rewritten.
+//! [`LogStore::verify`] reads everything back at start-up (`integrity.rs`).
+//!
 //! Durability contract: sled's `flush` writes its buffers with `sync_file_range`, which
 //! neither survives a power loss on every file system nor persists the file's growing
 //! size. So after every flush we `fdatasync` sled's data file and every blob file sled
@@ -33,6 +39,7 @@ use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, LogState, RaftLogReader, StorageIOError, Vote};
 use serde::{Deserialize, Serialize};
 
+use super::integrity::Corruption;
 use super::{LogId, NodeId, StorageError, TypeConfig};
 use dispatcher_core::codec;
 
@@ -85,6 +92,9 @@ pub enum OpenError {
         /// The codec's complaint.
         source: codec::CodecError,
     },
+    /// Data failed its check.
+    #[error(transparent)]
+    Corrupt(#[from] Corruption),
     /// A file system operation failed.
     #[error("{path}: {source}")]
     Io {
@@ -177,9 +187,15 @@ impl LogStore {
     /// Opens (or creates) the log under `dir`, checking that it belongs to `identity`.
     /// Returns the store and whether the directory was created just now.
     pub fn open(dir: &Path, identity: &Identity) -> Result<(Self, bool), OpenError> {
-        let sled_err = |source| OpenError::Sled {
-            path: dir.to_path_buf(),
-            source,
+        let sled_err = |source: sled::Error| match source {
+            // sled found its own checksums or structures wrong.
+            sled::Error::Corruption { .. } | sled::Error::ReportableBug(_) => {
+                OpenError::Corrupt(Corruption::new(dir, format!("sled: {source}")))
+            }
+            source => OpenError::Sled {
+                path: dir.to_path_buf(),
+                source,
+            },
         };
         let db = sled::Config::new()
             .path(dir)
@@ -220,9 +236,15 @@ impl LogStore {
         let fresh = match store.meta.get(KEY_IDENTITY).map_err(sled_err)? {
             Some(bytes) => {
                 let found: Identity =
-                    codec::decode(&bytes).map_err(|source| OpenError::Format {
-                        path: dir.to_path_buf(),
-                        source,
+                    codec::decode_checked(&bytes).map_err(|source| match source {
+                        codec::CodecError::UnsupportedVersion { .. } => OpenError::Format {
+                            path: dir.to_path_buf(),
+                            source,
+                        },
+                        source => OpenError::Corrupt(Corruption::new(
+                            dir,
+                            format!("the identity record: {source}"),
+                        )),
                     })?;
                 if &found != identity {
                     return Err(OpenError::WrongIdentity {
@@ -236,10 +258,11 @@ impl LogStore {
                 false
             }
             None => {
-                let bytes = codec::encode(identity).map_err(|source| OpenError::Format {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
+                let bytes =
+                    codec::encode_checked(identity).map_err(|source| OpenError::Format {
+                        path: dir.to_path_buf(),
+                        source,
+                    })?;
                 store.meta.insert(KEY_IDENTITY, bytes).map_err(sled_err)?;
                 store.sync_blocking().map_err(|source| OpenError::Io {
                     path: data_path.clone(),
@@ -287,9 +310,14 @@ impl LogStore {
         else {
             return Ok(None);
         };
-        codec::decode(&bytes)
-            .map(Some)
-            .map_err(|e| io_err(subject, ErrorVerb::Read, e))
+        codec::decode_checked(&bytes).map(Some).map_err(|e| {
+            let what = String::from_utf8_lossy(key);
+            io_err(
+                subject,
+                ErrorVerb::Read,
+                Corruption::new(self.dir.as_ref(), format!("the {what} record: {e}")),
+            )
+        })
     }
 
     fn put_meta<T: Serialize>(
@@ -298,8 +326,8 @@ impl LogStore {
         value: &T,
         subject: ErrorSubject<NodeId>,
     ) -> Result<(), StorageError> {
-        let bytes =
-            codec::encode(value).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        let bytes = codec::encode_checked(value)
+            .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
         self.meta
             .insert(key, bytes)
             .map_err(|e| io_err(subject, ErrorVerb::Write, e))?;
@@ -314,6 +342,72 @@ impl LogStore {
     pub async fn is_pristine(&mut self) -> Result<bool, StorageError> {
         let state = self.get_log_state().await?;
         Ok(state.last_log_id.is_none() && self.read_vote().await?.is_none())
+    }
+
+    /// Reads back everything stored, through its checks: the metadata records, then every
+    /// log entry (checksum, the entry of its key's index, no hole after the purge point).
+    /// Returns the number of entries read. Runs at start-up, before openraft reads
+    /// anything, so that corruption is a refusal rather than a surprise later.
+    pub async fn verify(&mut self) -> Result<u64, Corruption> {
+        let dir = self.dir.as_ref().clone();
+        let found = |what: String| Corruption::new(&dir, what);
+        for key in [KEY_VOTE, KEY_COMMITTED, KEY_LAST_PURGED, KEY_IDENTITY] {
+            let what = String::from_utf8_lossy(key).into_owned();
+            let bytes = self
+                .meta
+                .get(key)
+                .map_err(|e| found(format!("the {what} record does not read: {e}")))?;
+            if let Some(bytes) = bytes {
+                codec::verify_checked(&bytes)
+                    .map_err(|e| found(format!("the {what} record: {e}")))?;
+            }
+        }
+        self.read_vote()
+            .await
+            .map_err(|e| found(format!("the vote: {e}")))?;
+        self.read_committed()
+            .await
+            .map_err(|e| found(format!("the committed id: {e}")))?;
+        let purged = self
+            .last_purged()
+            .map_err(|e| found(format!("the purge point: {e}")))?;
+        let log = self.log.clone();
+        // Reading a large log takes a while: off the runtime's threads.
+        tokio::task::spawn_blocking(move || {
+            let found = |what: String| Corruption::new(&dir, what);
+            let mut expect: Option<u64> = None;
+            let mut count = 0u64;
+            for item in log.iter() {
+                let (k, v) = item.map_err(|e| found(format!("the log does not read: {e}")))?;
+                let index = k
+                    .as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| found(format!("a log key of {} bytes", k.len())))?;
+                let entry = check_entry(&dir, &v, index)?;
+                // Entries at or below the purge point may linger after a crash mid-purge.
+                let live = purged.is_none_or(|p| index > p.index);
+                if live {
+                    let next = expect.or(purged.map(|p| p.index + 1));
+                    if let Some(next) = next.filter(|n| *n != index) {
+                        return Err(found(format!(
+                            "the log has a hole: entry {index} follows entry {}",
+                            next.saturating_sub(1)
+                        )));
+                    }
+                    expect = Some(entry.log_id.index + 1);
+                }
+                count += 1;
+            }
+            Ok(count)
+        })
+        .await
+        .map_err(|e| {
+            Corruption::new(
+                self.dir.as_ref(),
+                format!("reading the log back failed: {e}"),
+            )
+        })?
     }
 
     /// The database's size on disk (bytes), for status and benchmarks.
@@ -356,8 +450,26 @@ fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
-fn decode_entry(bytes: &[u8], index: u64) -> Result<Entry, StorageError> {
-    codec::decode(bytes).map_err(|e| io_err(ErrorSubject::LogIndex(index), ErrorVerb::Read, e))
+fn decode_entry(dir: &Path, bytes: &[u8], index: u64) -> Result<Entry, StorageError> {
+    check_entry(dir, bytes, index)
+        .map_err(|e| io_err(ErrorSubject::LogIndex(index), ErrorVerb::Read, e))
+}
+
+/// Decodes the entry stored under key `index`, checking its checksum and that it is the
+/// entry of that index.
+fn check_entry(dir: &Path, bytes: &[u8], index: u64) -> Result<Entry, Corruption> {
+    let entry: Entry = codec::decode_checked(bytes)
+        .map_err(|e| Corruption::new(dir, format!("log entry {index}: {e}")))?;
+    if entry.log_id.index != index {
+        return Err(Corruption::new(
+            dir,
+            format!(
+                "the log entry under index {index} is entry {}",
+                entry.log_id.index
+            ),
+        ));
+    }
+    Ok(entry)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -391,7 +503,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
                     std::io::Error::other(format!("log key of {} bytes", k.len())),
                 )
             })?);
-            out.push(decode_entry(&v, index)?);
+            out.push(decode_entry(&self.dir, &v, index)?);
         }
         Ok(out)
     }
@@ -409,7 +521,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_entry = match last {
             Some((k, v)) => {
                 let index = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
-                Some(decode_entry(&v, index)?.log_id)
+                Some(decode_entry(&self.dir, &v, index)?.log_id)
             }
             None => None,
         };
@@ -461,7 +573,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = sled::Batch::default();
         for entry in entries {
-            let bytes = codec::encode(&entry)
+            let bytes = codec::encode_checked(&entry)
                 .map_err(|e| io_err(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, e))?;
             batch.insert(&index_key(entry.log_id.index), bytes);
         }
@@ -524,5 +636,157 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .apply_batch(batch)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn identity() -> Identity {
+        Identity {
+            cluster: "c".into(),
+            node_id: 1,
+        }
+    }
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    /// Writes entries 1..=n, a vote and a committed id as the current build does.
+    async fn filled(dir: &Path, n: u64) -> LogStore {
+        let (mut store, _) = LogStore::open(dir, &identity()).expect("open");
+        let mut batch = sled::Batch::default();
+        for i in 1..=n {
+            batch.insert(
+                &index_key(i),
+                codec::encode_checked(&entry(i)).expect("encode"),
+            );
+        }
+        store.log.apply_batch(batch).expect("append");
+        store.save_vote(&Vote::new(1, 1)).await.expect("vote");
+        store
+            .save_committed(Some(entry(n).log_id))
+            .await
+            .expect("committed");
+        store.sync_blocking().expect("sync");
+        store
+    }
+
+    /// Flips one bit of the stored value under `key` in `tree`, through sled.
+    fn flip(tree: &sled::Tree, key: &[u8]) {
+        let mut v = tree.get(key).expect("get").expect("present").to_vec();
+        let last = v.len() - 1;
+        v[last] ^= 0x01;
+        tree.insert(key, v).expect("insert");
+    }
+
+    #[tokio::test]
+    async fn a_stored_value_is_a_checked_frame_and_everything_verifies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = filled(dir.path(), 5).await;
+        let raw = store.log.get(index_key(3)).expect("get").expect("present");
+        assert!(codec::is_checked(&raw));
+        assert_eq!(store.verify().await.expect("verify"), 5);
+        let got = store.try_get_log_entries(1..=5).await.expect("read");
+        assert_eq!(got.len(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_flipped_entry_is_refused_at_verify_and_on_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = filled(dir.path(), 5).await;
+        flip(&store.log, &index_key(3));
+        let err = store.verify().await.expect_err("refused");
+        let msg = err.to_string();
+        assert_eq!(err.file, dir.path());
+        assert!(msg.contains("log entry 3: checksum mismatch"), "{msg}");
+        assert!(msg.contains("wipe its data directory"), "{msg}");
+        // While running, the read that meets it fails (and stops the Raft core).
+        let read = store.try_get_log_entries(1..=5).await.expect_err("refused");
+        assert!(read.to_string().contains("checksum mismatch"), "{read}");
+        assert!(store.try_get_log_entries(4..=5).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_flipped_vote_or_committed_id_is_refused() {
+        for key in [KEY_VOTE, KEY_COMMITTED] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut store = filled(dir.path(), 2).await;
+            flip(&store.meta, key);
+            let err = store.verify().await.expect_err("refused");
+            let what = String::from_utf8_lossy(key).into_owned();
+            assert!(err.found.contains(&format!("the {what} record")), "{err}");
+            assert!(err.found.contains("checksum mismatch"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hole_or_a_misplaced_entry_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = filled(dir.path(), 5).await;
+        store.log.remove(index_key(3)).expect("remove");
+        let err = store.verify().await.expect_err("a hole");
+        assert!(err.found.contains("hole: entry 4 follows entry 2"), "{err}");
+        let bytes = codec::encode_checked(&entry(9)).expect("encode");
+        store.log.insert(index_key(3), bytes).expect("insert");
+        let err = store.verify().await.expect_err("misplaced");
+        assert!(err.found.contains("under index 3 is entry 9"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn data_written_before_checksums_still_opens_and_reads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            // What the previous build wrote: bare codec encodings, no frames.
+            let db = sled::Config::new().path(dir.path()).open().expect("sled");
+            let log = db.open_tree("log").expect("log");
+            let meta = db.open_tree("meta").expect("meta");
+            for i in 1..=3 {
+                log.insert(index_key(i), codec::encode(&entry(i)).expect("encode"))
+                    .expect("insert");
+            }
+            meta.insert(
+                KEY_VOTE,
+                codec::encode(&Vote::<NodeId>::new(2, 1)).expect("vote"),
+            )
+            .expect("insert");
+            meta.insert(
+                KEY_COMMITTED,
+                codec::encode(&Some(entry(3).log_id)).expect("committed"),
+            )
+            .expect("insert");
+            meta.insert(KEY_IDENTITY, codec::encode(&identity()).expect("identity"))
+                .expect("insert");
+            db.flush().expect("flush");
+        }
+        let (mut store, fresh) = LogStore::open(dir.path(), &identity()).expect("open");
+        assert!(!fresh);
+        assert_eq!(store.verify().await.expect("verify"), 3);
+        assert_eq!(
+            store.read_vote().await.expect("vote"),
+            Some(Vote::new(2, 1))
+        );
+        assert_eq!(
+            store.read_committed().await.expect("committed"),
+            Some(entry(3).log_id)
+        );
+        assert_eq!(
+            store.try_get_log_entries(1..=3).await.expect("read").len(),
+            3
+        );
+        // New writes are checked frames beside the old values.
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            &index_key(4),
+            codec::encode_checked(&entry(4)).expect("encode"),
+        );
+        store.log.apply_batch(batch).expect("append");
+        assert_eq!(store.verify().await.expect("verify"), 4);
     }
 }

@@ -10,6 +10,7 @@ pub mod batcher;
 pub mod error;
 pub mod guard;
 pub mod inbox;
+pub mod integrity;
 pub mod log_store;
 pub mod network;
 pub mod replica;

@@ -15,6 +15,7 @@ use openraft::{Config, SnapshotPolicy};
 
 use super::barrier::Barrier;
 use super::batcher::Batcher;
+use super::integrity;
 use super::log_store::{Identity, LogStore, OpenError};
 use super::network::{GrpcNetwork, NetworkConfig};
 use super::sm_store::{SharedState, StateMachineStore};
@@ -183,8 +184,11 @@ pub async fn open_storage(
             path: data_dir.to_path_buf(),
             source,
         })?;
-    let (log, fresh) = LogStore::open(&data_dir.join("raft"), identity)?;
+    // Everything read back is checked before openraft sees it (integrity.rs).
+    let raft_dir = data_dir.join("raft");
+    let (mut log, fresh) = integrity::open_log(&raft_dir, identity).await?;
     let sm = StateMachineStore::open(&data_dir.join("snapshot"), state_config).await?;
+    integrity::check_committed_held(&raft_dir, &mut log, &sm).await?;
     Ok((log, sm, fresh))
 }
 

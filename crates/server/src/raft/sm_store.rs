@@ -5,11 +5,18 @@
 //! start-up the replica loads its snapshot file, and openraft replays the log entries
 //! after it. Membership is kept next to the state and travels in every snapshot.
 //!
-//! Snapshot file: `<data-dir>/snapshot/current.snap`, the codec encoding of
+//! Snapshot file: `<data-dir>/snapshot/current.snap`, the checked codec frame (CRC-32) of
 //! `StoredSnapshot { meta, data }` where `data` is the state's canonical encoding. It is
 //! written to `current.snap.tmp`, fsynced, renamed over the old one, and the directory
 //! fsynced. Only a snapshot newer than the current one ever replaces it, so a slow build
 //! that finishes after a newer snapshot was installed is dropped.
+//!
+//! A snapshot names the digest of its state in its id (`<leader>-<index>-<n>+sha256:<hex>`),
+//! so the name travels with it to every replica that installs it. Loading the file checks
+//! the CRC, the named digest and that the state decodes, and refuses the file otherwise
+//! ([`Corruption`]); installing a snapshot checks the named digest too. Snapshots of older
+//! builds (a bare encoding, an id without a digest) still load, checked as far as they
+//! can be.
 
 use std::collections::{BTreeSet, HashSet};
 use std::io::Cursor;
@@ -23,6 +30,8 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
 
+use super::integrity::Corruption;
+use super::log_store::OpenError;
 use super::{Applied, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use dispatcher_core::codec;
 use dispatcher_core::state::{ClusterConfig, DispatcherState, JobId};
@@ -168,6 +177,42 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// What separates a snapshot id from the digest of the state it names.
+const DIGEST_IN_ID: &str = "+sha256:";
+
+/// The state digest a snapshot names in its id, if it names one (snapshots built before
+/// digests were named do not).
+pub fn named_digest(meta: &SnapshotMeta) -> Option<&str> {
+    meta.snapshot_id
+        .rsplit_once(DIGEST_IN_ID)
+        .map(|(_, digest)| digest)
+}
+
+/// Checks snapshot data against the digest its meta names; returns the digest.
+pub fn check_named_digest(meta: &SnapshotMeta, data: &[u8]) -> Result<String, String> {
+    let digest = codec::digest_hex(data);
+    match named_digest(meta) {
+        Some(named) if named != digest => Err(format!(
+            "the state of snapshot {} has digest {digest}, not the one it names",
+            meta.snapshot_id
+        )),
+        _ => Ok(digest),
+    }
+}
+
+/// Decodes and checks a snapshot file's bytes: CRC, named digest, state.
+fn load_snapshot(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(StoredSnapshot, DispatcherState), Corruption> {
+    let snap: StoredSnapshot = codec::decode_checked(bytes)
+        .map_err(|e| Corruption::new(path, format!("the snapshot does not read: {e}")))?;
+    check_named_digest(&snap.meta, &snap.data).map_err(|e| Corruption::new(path, e))?;
+    let state = DispatcherState::restore(&snap.data)
+        .map_err(|e| Corruption::new(path, format!("the snapshot's state does not decode: {e}")))?;
+    Ok((snap, state))
+}
+
 /// The openraft state machine over `DispatcherState`.
 #[derive(Clone)]
 pub struct StateMachineStore {
@@ -197,28 +242,40 @@ fn snap_err(
 }
 
 impl StateMachineStore {
-    /// Opens the store under `dir`, loading the current snapshot if there is one.
-    pub async fn open(dir: &Path, config: ClusterConfig) -> Result<Self, StorageError> {
+    /// Opens the store under `dir`, loading and checking the current snapshot if there
+    /// is one (a snapshot that fails a check is a [`Corruption`]).
+    pub async fn open(dir: &Path, config: ClusterConfig) -> Result<Self, OpenError> {
         tokio::fs::create_dir_all(dir)
             .await
-            .map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
+            .map_err(|source| OpenError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         let path = dir.join("current.snap");
-        let current: Option<StoredSnapshot> = match tokio::fs::read(&path).await {
+        let loaded = match tokio::fs::read(&path).await {
             Ok(bytes) => {
-                Some(codec::decode(&bytes).map_err(|e| snap_err(None, ErrorVerb::Read, e))?)
+                // Decoding and hashing a large snapshot takes seconds: off the runtime.
+                let p = path.clone();
+                let loaded = tokio::task::spawn_blocking(move || load_snapshot(&p, &bytes))
+                    .await
+                    .map_err(|e| OpenError::Io {
+                        path: path.clone(),
+                        source: std::io::Error::other(e),
+                    })??;
+                Some(loaded)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(snap_err(None, ErrorVerb::Read, e)),
+            Err(source) => return Err(OpenError::Io { path, source }),
         };
         let shared = SharedState::new(DispatcherState::new(config));
-        if let Some(snap) = &current {
-            let state = DispatcherState::restore(&snap.data)
-                .map_err(|e| snap_err(Some(&snap.meta), ErrorVerb::Read, e))?;
+        let current = loaded.map(|(snap, state)| {
             let mut g = shared.write();
             g.state = state;
             g.last_applied = snap.meta.last_log_id;
             g.membership = snap.meta.last_membership.clone();
-        }
+            drop(g);
+            snap
+        });
         if let Some(l) = current.as_ref().and_then(|s| s.meta.last_log_id) {
             shared.publish(l.index);
         }
@@ -245,8 +302,8 @@ impl StateMachineStore {
                 return Ok(false);
             }
         }
-        let bytes =
-            codec::encode(&snap).map_err(|e| snap_err(Some(&snap.meta), ErrorVerb::Write, e))?;
+        let bytes = codec::encode_checked(&snap)
+            .map_err(|e| snap_err(Some(&snap.meta), ErrorVerb::Write, e))?;
         let dir = self.dir.as_ref().clone();
         let meta = snap.meta.clone();
         tokio::task::spawn_blocking(move || write_durably(&dir, "current.snap", &bytes))
@@ -280,17 +337,22 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             let g = self.shared.read();
             (g.state.view(), g.last_applied, g.membership.clone())
         };
-        let data = tokio::task::spawn_blocking(move || view.encode())
-            .await
-            .map_err(|e| sm_err(ErrorVerb::Read, e))?
-            .map_err(|e| sm_err(ErrorVerb::Read, e))?;
+        let (data, digest) = tokio::task::spawn_blocking(move || {
+            view.encode().map(|data| {
+                let digest = codec::digest_hex(&data);
+                (data, digest)
+            })
+        })
+        .await
+        .map_err(|e| sm_err(ErrorVerb::Read, e))?
+        .map_err(|e| sm_err(ErrorVerb::Read, e))?;
         let n = self
             .built
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
         let snapshot_id = match last_applied {
-            Some(l) => format!("{}-{}-{n}", l.leader_id, l.index),
-            None => format!("--{n}"),
+            Some(l) => format!("{}-{}-{n}{DIGEST_IN_ID}{digest}", l.leader_id, l.index),
+            None => format!("--{n}{DIGEST_IN_ID}{digest}"),
         };
         let meta = SnapshotMeta {
             last_log_id: last_applied,
@@ -363,8 +425,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         // Decoding a large snapshot takes seconds: off the runtime's threads.
+        let named = meta.clone();
         let (state, data) = tokio::task::spawn_blocking(move || {
-            let state = DispatcherState::restore(&data);
+            let state = check_named_digest(&named, &data)
+                .map_err(std::io::Error::other)
+                .and_then(|_| DispatcherState::restore(&data).map_err(std::io::Error::other));
             (state, data)
         })
         .await
@@ -421,5 +486,103 @@ fn trace_apply(index: u64, cmd: &dispatcher_core::state::Command) {
             task_manager = c.task_manager().map(ToString::to_string),
             "applied"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    async fn built(dir: &Path) -> (StateMachineStore, Snapshot<TypeConfig>) {
+        let mut sm = StateMachineStore::open(dir, ClusterConfig::default())
+            .await
+            .expect("open");
+        sm.shared.write().last_applied = Some(LogId::new(CommittedLeaderId::new(1, 1), 7));
+        let snap = sm.build_snapshot().await.expect("build");
+        (sm, snap)
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_names_its_state_digest_and_loads_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (sm, snap) = built(dir.path()).await;
+        let (_, digest) = sm.shared().digest().await;
+        assert_eq!(named_digest(&snap.meta), Some(digest.as_str()));
+        let bytes = std::fs::read(dir.path().join("current.snap")).expect("file");
+        assert!(codec::is_checked(&bytes));
+        let again = StateMachineStore::open(dir.path(), ClusterConfig::default())
+            .await
+            .expect("reopen");
+        assert_eq!(again.shared().digest().await, (Some(7), digest));
+    }
+
+    #[tokio::test]
+    async fn a_flipped_byte_anywhere_in_the_snapshot_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        built(dir.path()).await;
+        let path = dir.path().join("current.snap");
+        let good = std::fs::read(&path).expect("file");
+        for i in (0..good.len()).step_by(7).chain([good.len() - 1]) {
+            let mut bad = good.clone();
+            bad[i] ^= 0x20;
+            std::fs::write(&path, &bad).expect("write");
+            let Err(OpenError::Corrupt(c)) =
+                StateMachineStore::open(dir.path(), ClusterConfig::default()).await
+            else {
+                panic!("byte {i} flipped was not refused");
+            };
+            assert_eq!(c.file, path);
+            assert!(c.to_string().contains("current.snap"), "{c}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_whose_state_differs_from_its_named_digest_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, snap) = built(dir.path()).await;
+        let mut meta = snap.meta.clone();
+        meta.snapshot_id = format!("1-7-1{DIGEST_IN_ID}{}", "0".repeat(64));
+        let data = snap.snapshot.into_inner();
+        let err = check_named_digest(&meta, &data).expect_err("mismatch");
+        assert!(err.contains("not the one it names"), "{err}");
+        // A correct checksum over a wrong digest: refused on load as well.
+        let path = dir.path().join("current.snap");
+        let file = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        std::fs::write(&path, codec::encode_checked(&file).expect("encode")).expect("write");
+        let opened = StateMachineStore::open(dir.path(), ClusterConfig::default()).await;
+        assert!(matches!(opened, Err(OpenError::Corrupt(_))));
+        // And on install.
+        let mut sm = StateMachineStore::open(
+            tempfile::tempdir().expect("t").path(),
+            ClusterConfig::default(),
+        )
+        .await
+        .expect("open");
+        let installed = sm
+            .install_snapshot(&meta, Box::new(Cursor::new(data)))
+            .await;
+        assert!(installed.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_written_before_checksums_still_loads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, snap) = built(dir.path()).await;
+        let mut meta = snap.meta.clone();
+        meta.snapshot_id = "T1-N1-7-1".into();
+        let file = StoredSnapshot {
+            meta,
+            data: snap.snapshot.into_inner(),
+        };
+        let path = dir.path().join("current.snap");
+        std::fs::write(&path, codec::encode(&file).expect("old encoding")).expect("write");
+        let sm = StateMachineStore::open(dir.path(), ClusterConfig::default())
+            .await
+            .expect("an old snapshot opens");
+        assert_eq!(sm.shared().read().last_applied.map(|l| l.index), Some(7));
     }
 }
