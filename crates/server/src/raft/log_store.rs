@@ -122,6 +122,8 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    /// The database's directory, named in errors.
+    dir: Arc<PathBuf>,
     /// What a sync covers.
     disk: Arc<Disk>,
     /// Where appends queue their callbacks for the flusher thread.
@@ -230,6 +232,7 @@ impl LogStore {
             db,
             log,
             meta,
+            dir: Arc::new(dir.to_path_buf()),
             disk,
             flusher,
         };
