@@ -104,3 +104,30 @@ async fn connections_past_the_bound_are_closed_and_the_leader_keeps_serving() {
         "the refusals were not logged"
     );
 }
+
+/// A TaskManager whose assignments add up to more than gRPC's default 4 MiB answer
+/// still reads its heartbeat answers and runs them: two jobs of 3.2 MB queued before it
+/// registers reach it in one answer of about 6.4 MB. Before, it failed to decode every
+/// answer while the server, which saw its heartbeats, kept its lease: the jobs stayed
+/// RUNNING forever (chaos seed 8 of the 2026-11-28 campaign).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_manager_reads_answers_larger_than_four_mebibytes() {
+    use dispatcher_proto::v1::JobState;
+    let (mut c, client, _) = ProcCluster::start_elected(3, T).await;
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        let job = client
+            .submit_job(None, big_job(&format!("big-{n}"), SPEC_BYTES))
+            .await
+            .expect("a big submission");
+        ids.push(job.job_id);
+    }
+    c.start_tm("tm-1", 8, &[]);
+    for id in &ids {
+        dispatcher_testkit::wait_for(T, "the big job finishes", || async {
+            let job = client.get_job(id, false).await.ok()?;
+            (job.state == JobState::Finished as i32).then_some(())
+        })
+        .await;
+    }
+}

@@ -122,6 +122,25 @@ impl ClientConfig {
 /// connected channel (TLS if configured) whose requests carry the bearer token.
 pub type Connection = InterceptedService<Channel, BearerAuth>;
 
+/// The largest answer this client decodes. gRPC's default of 4 MiB is one job spec at
+/// the server's request limit, yet one answer may carry several: a heartbeat answer
+/// lists every assignment of a TaskManager with its task, and a TaskManager running two
+/// 3 MB tasks could then never read an answer again (it kept its lease, since the
+/// server saw its heartbeats, and its jobs stayed RUNNING forever: chaos seed 8).
+pub const MAX_ANSWER_BYTES: usize = 256 << 20;
+
+fn jobs(ch: Connection) -> JobServiceClient<Connection> {
+    JobServiceClient::new(ch).max_decoding_message_size(MAX_ANSWER_BYTES)
+}
+
+fn task_managers(ch: Connection) -> TaskManagerServiceClient<Connection> {
+    TaskManagerServiceClient::new(ch).max_decoding_message_size(MAX_ANSWER_BYTES)
+}
+
+fn cluster(ch: Connection) -> ClusterServiceClient<Connection> {
+    ClusterServiceClient::new(ch).max_decoding_message_size(MAX_ANSWER_BYTES)
+}
+
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -425,7 +444,7 @@ impl Client {
                 },
                 t,
             );
-            async move { JobServiceClient::new(ch).submit_job(req).await }
+            async move { jobs(ch).submit_job(req).await }
         })
         .await
     }
@@ -441,12 +460,7 @@ impl Client {
                     },
                     t,
                 );
-                async move {
-                    JobServiceClient::new(ch)
-                        .get_job(req)
-                        .await
-                        .map(|r| r.into_inner())
-                }
+                async move { jobs(ch).get_job(req).await.map(|r| r.into_inner()) }
             })
             .await?;
         resp.job
@@ -460,7 +474,7 @@ impl Client {
     ) -> Result<pb::ListJobsResponse, ClientError> {
         self.call_unary(|ch, t| {
             let req = request(req.clone(), t);
-            async move { JobServiceClient::new(ch).list_jobs(req).await }
+            async move { jobs(ch).list_jobs(req).await }
         })
         .await
     }
@@ -491,12 +505,7 @@ impl Client {
                     },
                     t,
                 );
-                async move {
-                    JobServiceClient::new(ch)
-                        .cancel_job(req)
-                        .await
-                        .map(|r| r.into_inner())
-                }
+                async move { jobs(ch).cancel_job(req).await.map(|r| r.into_inner()) }
             })
             .await?;
         resp.job
@@ -523,12 +532,7 @@ impl Client {
                         let req = tonic::Request::new(pb::WatchJobRequest {
                             job_id: job_id.clone(),
                         });
-                        async move {
-                            JobServiceClient::new(ch)
-                                .watch_job(req)
-                                .await
-                                .map(|r| r.into_inner())
-                        }
+                        async move { jobs(ch).watch_job(req).await.map(|r| r.into_inner()) }
                     })
                     .await;
                 let mut stream = match stream {
@@ -579,7 +583,7 @@ impl Client {
             .call(|ch, t| {
                 let req = request(pb::ListTaskManagersRequest { stale }, t);
                 async move {
-                    TaskManagerServiceClient::new(ch)
+                    task_managers(ch)
                         .list_task_managers(req)
                         .await
                         .map(|r| r.into_inner())
@@ -596,7 +600,7 @@ impl Client {
     ) -> Result<pb::RegisterResponse, ClientError> {
         self.call_unary(|ch, t| {
             let req = request(req.clone(), t);
-            async move { TaskManagerServiceClient::new(ch).register(req).await }
+            async move { task_managers(ch).register(req).await }
         })
         .await
     }
@@ -608,7 +612,7 @@ impl Client {
     ) -> Result<pb::HeartbeatResponse, ClientError> {
         self.call_unary(|ch, t| {
             let req = request(req.clone(), t);
-            async move { TaskManagerServiceClient::new(ch).heartbeat(req).await }
+            async move { task_managers(ch).heartbeat(req).await }
         })
         .await
     }
@@ -620,12 +624,7 @@ impl Client {
     ) -> Result<(), ClientError> {
         self.call(|ch, t| {
             let req = request(req.clone(), t);
-            async move {
-                TaskManagerServiceClient::new(ch)
-                    .unregister(req)
-                    .await
-                    .map(|_| ())
-            }
+            async move { task_managers(ch).unregister(req).await.map(|_| ()) }
         })
         .await
     }
@@ -635,10 +634,7 @@ impl Client {
         self.call(|ch, t| {
             let req = request(pb::SnapshotRequest {}, t);
             async move {
-                let mut stream = ClusterServiceClient::new(ch)
-                    .snapshot(req)
-                    .await?
-                    .into_inner();
+                let mut stream = cluster(ch).snapshot(req).await?.into_inner();
                 let (mut data, mut index, mut term) = (Vec::new(), 0, 0);
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk?;
@@ -671,7 +667,7 @@ impl Client {
                 },
                 t,
             );
-            async move { ClusterServiceClient::new(ch).status(req).await }
+            async move { cluster(ch).status(req).await }
         })
         .await
     }
@@ -695,7 +691,7 @@ impl Client {
             },
             self.config.per_try_timeout,
         );
-        ClusterServiceClient::new(ch)
+        cluster(ch)
             .status(req)
             .await
             .map(|r| r.into_inner())
@@ -718,7 +714,7 @@ impl Client {
                 },
                 t,
             );
-            async move { ClusterServiceClient::new(ch).add_node(req).await }
+            async move { cluster(ch).add_node(req).await }
         })
         .await
     }
@@ -727,7 +723,7 @@ impl Client {
     pub async fn remove_node(&self, node_id: u64) -> Result<pb::RemoveNodeResponse, ClientError> {
         self.call_unary(|ch, t| {
             let req = request(pb::RemoveNodeRequest { node_id }, t);
-            async move { ClusterServiceClient::new(ch).remove_node(req).await }
+            async move { cluster(ch).remove_node(req).await }
         })
         .await
     }
@@ -759,7 +755,7 @@ impl Client {
                     },
                     t,
                 );
-                async move { ClusterServiceClient::new(ch).create_token(req).await }
+                async move { cluster(ch).create_token(req).await }
             })
             .await;
         match result {
@@ -782,7 +778,7 @@ impl Client {
         let resp = self
             .call_unary(|ch, t| {
                 let req = request(pb::ListTokensRequest {}, t);
-                async move { ClusterServiceClient::new(ch).list_tokens(req).await }
+                async move { cluster(ch).list_tokens(req).await }
             })
             .await?;
         Ok(resp.tokens)
@@ -802,7 +798,7 @@ impl Client {
                     },
                     t,
                 );
-                async move { ClusterServiceClient::new(ch).revoke_token(req).await }
+                async move { cluster(ch).revoke_token(req).await }
             })
             .await;
         match result {
