@@ -63,6 +63,9 @@ pub struct Report {
     pub elections_with_healthy_leader: usize,
     /// Elections over the whole run (the highest term at the end minus at the start).
     pub elections: u64,
+    /// Faults that leave the leader able to lead but found no settled cluster within
+    /// 10 s (not checked for elections).
+    pub unsettled: usize,
     /// Replicas not SERVING on the health service after the heal.
     pub not_serving_after_heal: usize,
     /// The largest resident set of a replica seen, MiB.

@@ -143,6 +143,34 @@ async fn observe(client: &Client) -> (Option<u64>, Option<u64>) {
     ((s.leader_id > 0).then_some(s.leader_id), term)
 }
 
+/// Waits (up to `within`) until the cluster is settled: a leader known, every replica
+/// reachable at one term, and that term unchanged for half a second. Returns the term,
+/// or None if it did not settle. A fault's aftermath (a replica back from a partition
+/// with a higher term, which deposes the leader when it is heard: openraft 0.9 has no
+/// pre-vote) is thus not blamed on the next fault.
+async fn settled_term(client: &Client, within: Duration) -> Option<u64> {
+    let deadline = Instant::now() + within;
+    let mut last: Option<u64> = None;
+    while Instant::now() < deadline {
+        let s = tokio::time::timeout(Duration::from_millis(800), client.cluster_status())
+            .await
+            .ok()
+            .and_then(Result::ok);
+        let term = s.and_then(|s| {
+            let terms: std::collections::BTreeSet<u64> =
+                s.replicas.iter().map(|r| r.term).collect();
+            let all = s.replicas.iter().all(|r| r.reachable);
+            (s.leader_id > 0 && all && terms.len() == 1).then(|| terms.into_iter().next())?
+        });
+        match (term, last) {
+            (Some(t), Some(l)) if t == l => return Some(t),
+            _ => last = term,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    None
+}
+
 /// A fault that leaves the leader able to lead, with the highest term before it.
 struct Held {
     kind: Kind,
@@ -265,12 +293,23 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
     while Instant::now() < end {
         let (hold, rest) = nemesis::timings(&mut rng);
         tokio::time::sleep(rest).await;
-        let (leader, term) = observe(&client).await;
+        let (mut leader, term) = observe(&client).await;
         if let Some(h) = held.take() {
             h.check(&mut report, term);
         }
+        // Draw the fault first (the schedule stays the seed's); a fault that must leave
+        // the leader able to lead starts only on a settled cluster.
+        let kind = nemesis::draw(&mut rng, &kinds);
+        let mut baseline = term;
+        if kind.leader_stays_healthy() {
+            baseline = settled_term(&client, Duration::from_secs(10)).await;
+            if baseline.is_none() {
+                report.unsettled += 1;
+            }
+            leader = observe(&client).await.0;
+        }
         let at_ms = started.elapsed().as_millis() as u64;
-        let (kind, mut target) = nemesis::inject(&mut c, &mut rng, &kinds, leader)?;
+        let (kind, mut target) = nemesis::inject(&mut c, &mut rng, kind, leader)?;
         if kind == Kind::Churn {
             let id: u64 = target.parse().unwrap_or(1);
             target = nemesis::churn(&mut c, &client, id).await;
@@ -280,7 +319,7 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
             big_jobs.extend(acked);
             target = format!("{target} down; {what}");
         }
-        if let (true, Some(term)) = (kind.leader_stays_healthy(), term) {
+        if let (true, Some(term)) = (kind.leader_stays_healthy(), baseline) {
             held = Some(Held {
                 kind,
                 target: target.clone(),
@@ -455,8 +494,8 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
         report.digest_mismatches, report.stuck_jobs, report.longest_write_gap_ms,
     );
     println!(
-        "chaos: seed {}: {} elections, {} with the leader able to lead; {} replicas not SERVING after the heal; largest replica RSS {} MiB",
-        args.seed, report.elections, report.elections_with_healthy_leader,
+        "chaos: seed {}: {} elections, {} with the leader able to lead ({} such faults found no settled cluster); {} replicas not SERVING after the heal; largest replica RSS {} MiB",
+        args.seed, report.elections, report.elections_with_healthy_leader, report.unsettled,
         report.not_serving_after_heal, report.max_rss_mib,
     );
     if !report.passed() {

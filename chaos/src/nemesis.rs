@@ -163,15 +163,19 @@ pub struct Fault {
     pub held_ms: u64,
 }
 
-/// Applies one fault drawn from `kinds`; returns what it did. `leader` is the current
-/// leader, if known.
+/// The next fault's kind, drawn from `kinds`.
+pub fn draw(rng: &mut StdRng, kinds: &[Kind]) -> Kind {
+    *kinds.choose(rng).unwrap_or(&Kind::KillReplica)
+}
+
+/// Applies a fault of `kind`; returns what it did. `leader` is the current leader, if
+/// known.
 pub fn inject(
     c: &mut Cluster,
     rng: &mut StdRng,
-    kinds: &[Kind],
+    kind: Kind,
     leader: Option<u64>,
 ) -> anyhow::Result<(Kind, String)> {
-    let kind = *kinds.choose(rng).unwrap_or(&Kind::KillReplica);
     let ids: Vec<u64> = c.replicas.keys().copied().collect();
     let random = *ids.choose(rng).unwrap_or(&1);
     let leader_or_random = leader.unwrap_or(random);
