@@ -126,15 +126,13 @@ pub struct LogStore {
     dir: Arc<PathBuf>,
     /// What a sync covers.
     disk: Arc<Disk>,
-    /// Where appends and purges queue their work for the flusher thread.
-    flusher: std::sync::mpsc::Sender<Job>,
+    /// Where appends queue their callbacks for the flusher thread.
+    flusher: std::sync::mpsc::Sender<Flush>,
 }
 
 /// The files of one database a sync makes durable.
 struct Disk {
     db: sled::Db,
-    /// The log tree, for purges done by the flusher.
-    log: sled::Tree,
     /// sled's data file, kept open to `fdatasync` it after every flush.
     data_file: File,
     /// sled's directory of blob files.
@@ -155,65 +153,27 @@ impl Disk {
     }
 }
 
-/// Work for the flusher thread, done in the order it was queued.
-enum Job {
-    /// An append waiting for its sync.
-    Flush {
-        callback: LogFlushed<TypeConfig>,
-        durable: bool,
-    },
-    /// Deleting the entries up to this index, once the purge point recorded before is
-    /// durable.
-    Purge { upto: u64, durable: bool },
+/// An append waiting for its sync.
+struct Flush {
+    callback: LogFlushed<TypeConfig>,
+    durable: bool,
 }
 
 /// The flusher thread: one sync for every append queued while the last one ran, then
-/// their callbacks in the order they came; purges in their place in that order. Ends
-/// when every store is dropped.
-fn run_flusher(disk: Arc<Disk>, queue: std::sync::mpsc::Receiver<Job>) {
+/// their callbacks in the order they came. Ends when every store is dropped.
+fn run_flusher(disk: Arc<Disk>, queue: std::sync::mpsc::Receiver<Flush>) {
     while let Ok(first) = queue.recv() {
-        let mut waiting = Vec::new();
-        for job in std::iter::once(first).chain(queue.try_iter()) {
-            match job {
-                Job::Flush { callback, durable } => waiting.push((callback, durable)),
-                Job::Purge { upto, durable } => {
-                    complete(&disk, &mut waiting);
-                    purge_upto(&disk, upto, durable);
-                }
-            }
+        let mut batch = vec![first];
+        batch.extend(queue.try_iter());
+        let durable = batch.iter().any(|f| f.durable);
+        let synced = disk.sync(durable);
+        for f in batch {
+            let outcome = match &synced {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            };
+            f.callback.log_io_completed(outcome);
         }
-        complete(&disk, &mut waiting);
-    }
-}
-
-/// One sync for all the waiting appends, then their callbacks in order.
-fn complete(disk: &Disk, waiting: &mut Vec<(LogFlushed<TypeConfig>, bool)>) {
-    if waiting.is_empty() {
-        return;
-    }
-    let synced = disk.sync(waiting.iter().any(|(_, durable)| *durable));
-    for (callback, _) in waiting.drain(..) {
-        let outcome = match &synced {
-            Ok(()) => Ok(()),
-            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-        };
-        callback.log_io_completed(outcome);
-    }
-}
-
-/// Deletes the entries up to `upto` once the purge point is durable: a crash before
-/// that sync leaves the entries (readers skip them), never a hole. A failure leaves
-/// them too, and is only logged: the next purge deletes them.
-fn purge_upto(disk: &Disk, upto: u64, durable: bool) {
-    let deleted = disk.sync(durable).and_then(|()| {
-        let mut batch = sled::Batch::default();
-        for key in disk.log.range(..=index_key(upto)).keys() {
-            batch.remove(key.map_err(std::io::Error::other)?);
-        }
-        disk.log.apply_batch(batch).map_err(std::io::Error::other)
-    });
-    if let Err(e) = deleted {
-        tracing::warn!(upto, error = %e, "cannot delete purged log entries yet");
     }
 }
 
@@ -254,7 +214,6 @@ impl LogStore {
         })?;
         let disk = Arc::new(Disk {
             db: db.clone(),
-            log: log.clone(),
             data_file,
             blobs: dir.join("blobs"),
             synced_blobs: Default::default(),
@@ -626,7 +585,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         // Entries are readable now; the flusher makes them durable, then calls back (a
         // failed sync reaches openraft through the callback and stops its core).
-        let flush = Job::Flush {
+        let flush = Flush {
             callback,
             durable: self.durability != Durability::FlushOnly,
         };
@@ -660,22 +619,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        // openraft awaits this inside its core loop: a sync and thousands of deletes here
-        // stalled the core right after every snapshot, long enough for elections under
-        // write load. Record the purge point (readers skip entries below it) and let the
-        // flusher make it durable and delete the entries, in order with the appends.
+        // Record the purge point durably first: a crash after it but before the deletes
+        // leaves entries below it, which readers skip; the reverse could leave a hole.
         self.put_meta(KEY_LAST_PURGED, &log_id, ErrorSubject::Logs)?;
-        let purge = Job::Purge {
-            upto: log_id.index,
-            durable: self.durability != Durability::FlushOnly,
-        };
-        self.flusher.send(purge).map_err(|_| {
-            io_err(
-                ErrorSubject::Logs,
-                ErrorVerb::Delete,
-                std::io::Error::other("the log's flusher thread is gone"),
-            )
-        })
+        self.sync()
+            .await
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        let keys: Vec<sled::IVec> = self
+            .log
+            .range(..=index_key(log_id.index))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        let mut batch = sled::Batch::default();
+        for k in keys {
+            batch.remove(k);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        Ok(())
     }
 }
 
