@@ -18,16 +18,6 @@
 //! wrote since the last sync (sled writes large values and large tree nodes as separate
 //! files under `blobs/` and never syncs them), then the `blobs/` directory. The append
 //! callback fires, and `save_vote` returns, only after that.
-//!
-//! Appends are synced by a thread of their own ([`Flusher`]), not inside `append`:
-//! openraft 0.9 awaits `append` inside its core loop, so a sync there stalls the whole
-//! core (no heartbeats sent or handled, no election timer) for as long as the disk
-//! takes. Next to a snapshot of a few hundred MB being written, an `fdatasync` of the
-//! log waits for the journal to carry those pages too (hundreds of ms): 64 writers past
-//! 30k jobs saw six elections in a minute with a healthy leader. Now `append` writes
-//! the entries into sled and queues its callback; the flusher runs one sync for every
-//! callback queued meanwhile (group commit) and fires them in order. Entries are
-//! acknowledged to openraft only after that sync, as before.
 
 use std::fmt::Debug;
 use std::fs::File;
@@ -122,59 +112,11 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
-    /// The database's directory, named in errors.
     dir: Arc<PathBuf>,
-    /// What a sync covers.
-    disk: Arc<Disk>,
-    /// Where appends queue their callbacks for the flusher thread.
-    flusher: std::sync::mpsc::Sender<Flush>,
-}
-
-/// The files of one database a sync makes durable.
-struct Disk {
-    db: sled::Db,
     /// sled's data file, kept open to `fdatasync` it after every flush.
-    data_file: File,
-    /// sled's directory of blob files.
-    blobs: PathBuf,
+    data_file: Arc<File>,
     /// Blob files already synced (sled never rewrites a blob file in place).
-    synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
-}
-
-impl Disk {
-    /// Flush + (when `durable`) fdatasync of the data file and of new blob files.
-    fn sync(&self, durable: bool) -> std::io::Result<()> {
-        self.db.flush().map_err(std::io::Error::other)?;
-        if !durable {
-            return Ok(());
-        }
-        sync_new_blobs(&self.blobs, &self.synced_blobs)?;
-        self.data_file.sync_data()
-    }
-}
-
-/// An append waiting for its sync.
-struct Flush {
-    callback: LogFlushed<TypeConfig>,
-    durable: bool,
-}
-
-/// The flusher thread: one sync for every append queued while the last one ran, then
-/// their callbacks in the order they came. Ends when every store is dropped.
-fn run_flusher(disk: Arc<Disk>, queue: std::sync::mpsc::Receiver<Flush>) {
-    while let Ok(first) = queue.recv() {
-        let mut batch = vec![first];
-        batch.extend(queue.try_iter());
-        let durable = batch.iter().any(|f| f.durable);
-        let synced = disk.sync(durable);
-        for f in batch {
-            let outcome = match &synced {
-                Ok(()) => Ok(()),
-                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-            };
-            f.callback.log_io_completed(outcome);
-        }
-    }
+    synced_blobs: Arc<std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>>,
 }
 
 fn io_err(
@@ -212,29 +154,14 @@ impl LogStore {
             path: data_path.clone(),
             source,
         })?;
-        let disk = Arc::new(Disk {
-            db: db.clone(),
-            data_file,
-            blobs: dir.join("blobs"),
-            synced_blobs: Default::default(),
-        });
-        let (flusher, queue) = std::sync::mpsc::channel();
-        let flusher_disk = disk.clone();
-        std::thread::Builder::new()
-            .name("raft-log-flush".into())
-            .spawn(move || run_flusher(flusher_disk, queue))
-            .map_err(|source| OpenError::Io {
-                path: data_path.clone(),
-                source,
-            })?;
         let store = LogStore {
             durability: Durability::Fsync,
             db,
             log,
             meta,
             dir: Arc::new(dir.to_path_buf()),
-            disk,
-            flusher,
+            data_file: Arc::new(data_file),
+            synced_blobs: Arc::default(),
         };
         let fresh = match store.meta.get(KEY_IDENTITY).map_err(sled_err)? {
             Some(bytes) => {
@@ -279,7 +206,8 @@ impl LogStore {
 
     /// Flushes sled and makes the flushed bytes durable.
     fn sync_blocking(&self) -> std::io::Result<()> {
-        self.disk.sync(true)
+        self.db.flush().map_err(std::io::Error::other)?;
+        self.data_file.sync_data()
     }
 
     /// Sets how far appends go before they are acknowledged (benchmarks compare the two).
@@ -294,11 +222,21 @@ impl LogStore {
     /// One blocking-pool hop does it all: sled's own `flush_async` goes through sled's
     /// thread pool and its one-shot future, which measured ~45 ms per append here.
     async fn sync(&self) -> std::io::Result<()> {
-        let disk = self.disk.clone();
+        let db = self.db.clone();
         let durable = self.durability != Durability::FlushOnly;
-        tokio::task::spawn_blocking(move || disk.sync(durable))
-            .await
-            .map_err(std::io::Error::other)?
+        let file = self.data_file.clone();
+        let blobs = self.dir.join("blobs");
+        let synced = self.synced_blobs.clone();
+        tokio::task::spawn_blocking(move || {
+            db.flush().map_err(std::io::Error::other)?;
+            if !durable {
+                return Ok(());
+            }
+            sync_new_blobs(&blobs, &synced)?;
+            file.sync_data()
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 
     fn get_meta<T: for<'de> Deserialize<'de>>(
@@ -583,19 +521,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-        // Entries are readable now; the flusher makes them durable, then calls back (a
-        // failed sync reaches openraft through the callback and stops its core).
-        let flush = Flush {
-            callback,
-            durable: self.durability != Durability::FlushOnly,
-        };
-        self.flusher.send(flush).map_err(|_| {
-            io_err(
-                ErrorSubject::Logs,
-                ErrorVerb::Write,
-                std::io::Error::other("the log's flusher thread is gone"),
-            )
-        })
+        // Entries are readable now; they are durable once the sync returns.
+        let synced = self.sync().await;
+        let failed = synced
+            .as_ref()
+            .err()
+            .map(|e| std::io::Error::new(e.kind(), e.to_string()));
+        callback.log_io_completed(synced);
+        match failed {
+            Some(e) => Err(io_err(ErrorSubject::Logs, ErrorVerb::Write, e)),
+            None => Ok(()),
+        }
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
