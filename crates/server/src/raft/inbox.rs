@@ -1,5 +1,5 @@
 //! The inbox: where peers' AppendEntries, Vote and InstallSnapshot requests enter this
-//! replica's openraft, each checked by the [`guard`](super::guard) first.
+//! replica's openraft, each checked by the [`guard`] first.
 //!
 //! Owns the ordering that makes the guard's view exact, the assembly of snapshot
 //! chunks, and the log line of refused requests (rate-limited). Must never hand openraft a request the guard refused, and never decide who
