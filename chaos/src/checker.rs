@@ -51,6 +51,9 @@ pub struct Report {
     pub digest_mismatches: usize,
     /// Jobs not terminal at the end.
     pub stuck_jobs: usize,
+    /// Replicas that served, after one of their files was corrupted, a state whose
+    /// digest differs from another replica's at the same applied index.
+    pub served_wrong_digest: usize,
     /// Share of operations acknowledged.
     pub ok_share: f64,
     /// Share of operations answered (acknowledged or definitely refused, e.g. a cancel
@@ -84,6 +87,7 @@ impl Report {
             && self.attempts_on_two_task_managers == 0
             && self.digest_mismatches == 0
             && self.stuck_jobs == 0
+            && self.served_wrong_digest == 0
             && self.elections_with_healthy_leader == 0
             && self.not_serving_after_heal == 0
             && self.max_rss_mib <= RSS_BOUND_MIB

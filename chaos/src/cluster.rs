@@ -381,6 +381,11 @@ impl Cluster {
         }
     }
 
+    /// Whether replica `id` runs (one that exited by itself is reaped).
+    pub fn replica_running(&mut self, id: u64) -> bool {
+        self.replicas.get_mut(&id).is_some_and(Proc::running)
+    }
+
     /// Restarts a replica from its data directory.
     pub fn start_replica(&mut self, id: u64) -> anyhow::Result<()> {
         match self.replicas.get_mut(&id) {

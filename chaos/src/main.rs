@@ -8,6 +8,7 @@
 //! ```text
 //! cargo run -p chaos -- run --seed 7 --duration 120 --nemesis all
 //! cargo run -p chaos -- campaign --seeds 10 --duration 180 --nemesis all
+//! cargo run -p chaos -- crash-loop --rounds 100
 //! ```
 //!
 //! A failure prints the command that reproduces it. Results go to `<out>/result.json`
@@ -15,6 +16,7 @@
 
 mod checker;
 mod cluster;
+mod crashloop;
 mod nemesis;
 mod proxy;
 mod workload;
@@ -56,6 +58,9 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         seeds: u64,
     },
+    /// kill -9 of every replica, round after round, under concurrent submissions: every
+    /// acknowledged submission must survive every crash.
+    CrashLoop(crashloop::CrashLoopArgs),
 }
 
 #[derive(Parser, Clone)]
@@ -67,7 +72,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 60)]
     duration: u64,
     /// Nemeses: all, kill, pause, partition, links, taskmanager, crash, membership, load,
-    /// disk, or kind names.
+    /// disk, corrupt, or kind names.
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// Replicas.
@@ -121,6 +126,7 @@ async fn main() -> ExitCode {
             }
             Ok(all)
         }
+        Cmd::CrashLoop(args) => crashloop::run(args).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -190,6 +196,59 @@ impl Held {
                 self.term, self.kind, self.target, self.at_ms
             ));
         }
+    }
+}
+
+/// Restarts a replica whose file was corrupted and watches it for up to 20 s: it must
+/// either refuse to start (then it is replaced as docs/operations.md says: removed,
+/// wiped, added back) or serve the state the others have at the same applied index.
+async fn corrupt_aftermath(
+    c: &mut Cluster,
+    client: &Client,
+    id: u64,
+    report: &mut checker::Report,
+) -> String {
+    if let Err(e) = c.start_replica(id) {
+        return format!("restart failed: {e}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if !c.replica_running(id) {
+            let how = nemesis::churn(c, client, id).await;
+            return format!("refused to start; {how}");
+        }
+        let status =
+            tokio::time::timeout(Duration::from_secs(5), client.cluster_status_with(true)).await;
+        if let Ok(Ok(s)) = status {
+            if let Some(mine) = s.replicas.iter().find(|r| r.id == id && r.reachable) {
+                let wrong = s.replicas.iter().find(|o| {
+                    o.id != id
+                        && o.reachable
+                        && o.applied_index == mine.applied_index
+                        && o.state_digest != mine.state_digest
+                });
+                if let Some(other) = wrong {
+                    report.served_wrong_digest += 1;
+                    report.violation(format!(
+                        "replica {id} serves digest {} at index {}, replica {} has {}",
+                        mine.state_digest, mine.applied_index, other.id, other.state_digest
+                    ));
+                    return "served a wrong digest".into();
+                }
+                let views: std::collections::BTreeSet<_> = s
+                    .replicas
+                    .iter()
+                    .map(|r| (r.reachable, r.applied_index, r.state_digest.clone()))
+                    .collect();
+                if views.len() == 1 {
+                    return "started and caught up with the same digest".into();
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return "neither refused nor caught up within 20 s".into();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -313,6 +372,15 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
         if kind == Kind::Churn {
             let id: u64 = target.parse().unwrap_or(1);
             target = nemesis::churn(&mut c, &client, id).await;
+        }
+        if kind == Kind::CorruptFollower {
+            let id: u64 = target
+                .split(':')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1);
+            let after = corrupt_aftermath(&mut c, &client, id, &mut report).await;
+            target = format!("{target}; {after}");
         }
         if kind == Kind::BigEntries {
             let (acked, what) = submit_big_jobs(&client, &mut rng, args.seed, at_ms).await;
@@ -485,13 +553,13 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
         .collect();
     std::fs::write(out.join("history.jsonl"), lines.join("\n"))?;
     println!(
-        "chaos: seed {} {}: {} operations ({:.1}% acknowledged, {:.1}% answered), {} faults {:?}; {} acknowledged submissions, {} unknown, lost {}, duplicated {}, read violations {}, double-booked slots {}, attempts on two TaskManagers {}, digest mismatches {}, stuck jobs {}; longest window without an acknowledged write {} ms",
+        "chaos: seed {} {}: {} operations ({:.1}% acknowledged, {:.1}% answered), {} faults {:?}; {} acknowledged submissions, {} unknown, lost {}, duplicated {}, read violations {}, double-booked slots {}, attempts on two TaskManagers {}, digest mismatches {}, served a wrong digest {}, stuck jobs {}; longest window without an acknowledged write {} ms",
         args.seed,
         if report.passed() { "PASSED" } else { "FAILED" },
         report.operations, report.ok_share * 100.0, report.answered_share * 100.0, faults.len(), counts,
         report.acknowledged_submissions, report.unknown_submissions, report.lost, report.duplicated,
         report.read_violations, report.double_booked_slots, report.attempts_on_two_task_managers,
-        report.digest_mismatches, report.stuck_jobs, report.longest_write_gap_ms,
+        report.digest_mismatches, report.served_wrong_digest, report.stuck_jobs, report.longest_write_gap_ms,
     );
     println!(
         "chaos: seed {}: {} elections, {} with the leader able to lead ({} such faults found no settled cluster); {} replicas not SERVING after the heal; largest replica RSS {} MiB",

@@ -53,11 +53,15 @@ pub enum Kind {
     /// The last replica's disk (a small tmpfs) filled up: it must stop serving and exit,
     /// and come back when the space is.
     DiskFull,
+    /// kill -9 of a follower, one bit flipped in one of its files (snapshot, sled's
+    /// data file or a blob), restart: it must refuse to start (and is then replaced as
+    /// the docs say) or come back with the right state, never serve a wrong one.
+    CorruptFollower,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 18] = [
+    pub const ALL: [Kind; 19] = [
         Kind::KillLeader,
         Kind::KillReplica,
         Kind::PauseLeader,
@@ -76,6 +80,7 @@ impl Kind {
         Kind::Throttle,
         Kind::ConnectionFlood,
         Kind::DiskFull,
+        Kind::CorruptFollower,
     ];
 
     /// Faults that leave the leader able to lead: an election while one is held is a
@@ -92,7 +97,7 @@ impl Kind {
     }
 
     /// Parses `kill`, `pause`, `partition`, `links`, `taskmanager`, `crash`,
-    /// `membership`, `load`, `disk`, `all`, or a kind's name in snake case.
+    /// `membership`, `load`, `disk`, `corrupt`, `all`, or a kind's name in snake case.
     pub fn parse_list(raw: &str) -> Result<Vec<Kind>, String> {
         let mut out = Vec::new();
         for part in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -112,6 +117,7 @@ impl Kind {
                     Kind::ConnectionFlood,
                 ],
                 "disk" => &[Kind::DiskFull],
+                "corrupt" => &[Kind::CorruptFollower],
                 other => {
                     let k = Kind::ALL
                         .iter()
@@ -290,6 +296,18 @@ pub fn inject(
             Some((id, mib)) => format!("{id}: disk filled with {mib} MiB"),
             None => "skipped: no tmpfs could be mounted (needs root)".into(),
         },
+        Kind::CorruptFollower => {
+            let followers: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|id| Some(*id) != leader)
+                .collect();
+            let victim = *followers.choose(rng).unwrap_or(&random);
+            c.kill_replica(victim);
+            let flipped = flip_a_bit(&c.data_dir(victim), rng)
+                .unwrap_or_else(|e| format!("no bit flipped: {e}"));
+            format!("{victim}: {flipped}")
+        }
     };
     Ok((kind, target))
 }
@@ -312,6 +330,48 @@ pub async fn churn(c: &mut Cluster, client: &dispatcher_client::Client, id: u64)
         Ok(_) => format!("replica {id} removed, wiped and added back"),
         Err(e) => format!("replica {id} removed; add back failed: {e}"),
     }
+}
+
+/// Flips one bit of one of a stopped replica's files: its snapshot, sled's data file or
+/// one of sled's blob files, drawn from the seed. Returns what it flipped.
+pub fn flip_a_bit(data_dir: &std::path::Path, rng: &mut StdRng) -> anyhow::Result<String> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut files = Vec::new();
+    for f in [
+        data_dir.join("snapshot/current.snap"),
+        data_dir.join("raft/db"),
+    ] {
+        if f.is_file() {
+            files.push(f);
+        }
+    }
+    if let Ok(blobs) = std::fs::read_dir(data_dir.join("raft/blobs")) {
+        files.extend(blobs.flatten().map(|e| e.path()).filter(|p| p.is_file()));
+    }
+    files.sort();
+    let file = files
+        .choose(rng)
+        .ok_or_else(|| anyhow::anyhow!("no file in {}", data_dir.display()))?;
+    let len = std::fs::metadata(file)?.len();
+    anyhow::ensure!(len > 0, "{} is empty", file.display());
+    let at = rng.gen_range(0..len);
+    let bit = rng.gen_range(0..8u8);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)?;
+    let mut byte = [0u8];
+    f.seek(SeekFrom::Start(at))?;
+    f.read_exact(&mut byte)?;
+    byte[0] ^= 1 << bit;
+    f.seek(SeekFrom::Start(at))?;
+    f.write_all(&byte)?;
+    f.sync_all()?;
+    let name = file.strip_prefix(data_dir).unwrap_or(file);
+    Ok(format!(
+        "bit {bit} of byte {at} of {} ({len} bytes)",
+        name.display()
+    ))
 }
 
 /// How long a fault is held, and the pause before the next.

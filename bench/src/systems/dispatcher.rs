@@ -116,8 +116,11 @@ impl Dispatcher {
             // recover and 1m workloads); the limits are not what they measure.
             args.extend(["--max-jobs".into(), "100000000".into()]);
             args.extend(extra.iter().cloned());
+            // Quiet by default; `DISPATCH_BENCH_REPLICA_LOG=info` to see why a run
+            // misbehaved (elections, slow storage).
+            let log = std::env::var("DISPATCH_BENCH_REPLICA_LOG").unwrap_or_else(|_| "warn".into());
             let mut node = Node::new(&format!("dispatcher-{}", i + 1), &program, args, work)
-                .env("DISPATCHER_LOG", "warn");
+                .env("DISPATCHER_LOG", &log);
             node.spawn()?;
             nodes.push(node);
             data_dirs.push(data);

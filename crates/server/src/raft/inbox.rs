@@ -20,6 +20,14 @@
 //! prev_log_id or leader_commit, which changes nothing but the vote), and reads the
 //! view again as a follower. Votes need no lock: they never touch the log.
 //!
+//! Every request is handled in a task of its own, which runs to the end even when the
+//! peer stops waiting (its deadline passed, or it went away): a heartbeat that arrived
+//! must reach openraft, whose election timer only hears the requests it handles. The
+//! leader's keep-alive heartbeats carry 25 ms deadlines (`network/append.rs`), which
+//! tonic enforces on this side by dropping the handler; on a loaded machine every
+//! heartbeat of half a second was dropped that way, while waiting for the inbox's lock
+//! or openraft's core, and the follower started an election with its leader alive.
+//!
 //! Snapshots: openraft's own chunk receiver seeks an in-memory buffer to whatever
 //! offset a chunk names, and hands the data to the state machine, which fails fatally on
 //! bytes that do not decode. The inbox assembles chunks itself instead: contiguous from
@@ -56,8 +64,13 @@ struct Receiving {
     data: Vec<u8>,
 }
 
-/// The inbox of one replica.
+/// The inbox of one replica. Cheap to clone: clones share one inbox.
+#[derive(Clone)]
 pub struct PeerInbox {
+    inner: std::sync::Arc<Inner>,
+}
+
+struct Inner {
     raft: Raft,
     local: NodeId,
     /// Serialises the requests that change the log; holds the snapshot being received.
@@ -113,13 +126,59 @@ impl PeerInbox {
     /// The inbox of replica `local`.
     pub fn new(raft: Raft, local: NodeId) -> Self {
         PeerInbox {
-            raft,
-            local,
-            gate: Mutex::new(None),
-            refusals: RefusalLog::default(),
+            inner: std::sync::Arc::new(Inner {
+                raft,
+                local,
+                gate: Mutex::new(None),
+                refusals: RefusalLog::default(),
+            }),
         }
     }
 
+    /// An AppendEntries from a peer.
+    pub async fn append_entries(
+        &self,
+        req: AppendEntriesRequest<TypeConfig>,
+    ) -> Answer<AppendEntriesResponse<NodeId>> {
+        let inner = self.inner.clone();
+        detached(async move { inner.append_entries(req).await }).await
+    }
+
+    /// A Vote request from a peer.
+    pub async fn vote(&self, req: VoteRequest<NodeId>) -> Answer<VoteResponse<NodeId>> {
+        let inner = self.inner.clone();
+        detached(async move { inner.vote(req).await }).await
+    }
+
+    /// One InstallSnapshot chunk from a peer.
+    pub async fn install_snapshot(
+        &self,
+        req: InstallSnapshotRequest<TypeConfig>,
+    ) -> Answer<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        let inner = self.inner.clone();
+        detached(async move { inner.install_snapshot(req).await }).await
+    }
+}
+
+/// Runs `work` in a task of its own, which goes on if the caller stops waiting.
+async fn detached<T, E>(
+    work: impl std::future::Future<Output = Answer<T, E>> + Send + 'static,
+) -> Answer<T, E>
+where
+    T: Send + 'static,
+    E: std::error::Error + Send + 'static,
+{
+    match tokio::spawn(work).await {
+        Ok(answer) => answer,
+        // The task panicked: a bug, answered as a failed core.
+        Err(e) => {
+            tracing::error!(error = %e, "handling a peer's Raft message failed");
+            Ok(Err(RaftError::Fatal(Fatal::Panicked)))
+        }
+    }
+}
+
+impl Inner {
     fn noted<T, E>(
         &self,
         kind: &'static str,
@@ -154,8 +213,7 @@ impl PeerInbox {
         self.view().await
     }
 
-    /// An AppendEntries from a peer.
-    pub async fn append_entries(
+    async fn append_entries(
         &self,
         req: AppendEntriesRequest<TypeConfig>,
     ) -> Answer<AppendEntriesResponse<NodeId>> {
@@ -182,8 +240,7 @@ impl PeerInbox {
         Ok(queue_then_wait(self.raft.append_entries(req), gate).await)
     }
 
-    /// A Vote request from a peer.
-    pub async fn vote(&self, req: VoteRequest<NodeId>) -> Answer<VoteResponse<NodeId>> {
+    async fn vote(&self, req: VoteRequest<NodeId>) -> Answer<VoteResponse<NodeId>> {
         let sender = guard::sender(&req);
         let answer = self.checked_vote(req).await;
         self.noted("Vote", sender, answer)
@@ -198,8 +255,7 @@ impl PeerInbox {
         Ok(self.raft.vote(req).await)
     }
 
-    /// One InstallSnapshot chunk from a peer.
-    pub async fn install_snapshot(
+    async fn install_snapshot(
         &self,
         req: InstallSnapshotRequest<TypeConfig>,
     ) -> Answer<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
@@ -267,15 +323,25 @@ impl PeerInbox {
         }
 
         let data = gate.take().map(|r| r.data).unwrap_or_default();
-        if let Err(e) = DispatcherState::restore(&data) {
-            return Err(Refusal::Snapshot(format!(
-                "the assembled snapshot {id} ({} bytes) does not decode: {e}",
-                data.len()
-            )));
-        }
-        if let Err(e) = super::sm_store::check_named_digest(&req.meta, &data) {
-            return Err(Refusal::Snapshot(format!("the assembled snapshot: {e}")));
-        }
+        // Decoding and hashing hundreds of MB takes seconds: off the runtime's threads,
+        // which openraft's core shares.
+        let meta = req.meta.clone();
+        let (checked, data) = tokio::task::spawn_blocking(move || {
+            let checked = match DispatcherState::restore(&data) {
+                Err(e) => Err(format!(
+                    "the assembled snapshot {} ({} bytes) does not decode: {e}",
+                    meta.snapshot_id,
+                    data.len()
+                )),
+                Ok(_) => super::sm_store::check_named_digest(&meta, &data)
+                    .map(|_| ())
+                    .map_err(|e| format!("the assembled snapshot: {e}")),
+            };
+            (checked, data)
+        })
+        .await
+        .map_err(|e| Refusal::Snapshot(format!("checking the assembled snapshot failed: {e}")))?;
+        checked.map_err(Refusal::Snapshot)?;
         let view = match self.step_down_first(view, req.vote).await {
             Ok(v) => v,
             Err(f) => return Ok(Err(RaftError::Fatal(f))),

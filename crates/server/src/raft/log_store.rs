@@ -18,6 +18,18 @@
 //! wrote since the last sync (sled writes large values and large tree nodes as separate
 //! files under `blobs/` and never syncs them), then the `blobs/` directory. The append
 //! callback fires, and `save_vote` returns, only after that.
+//!
+//! Appends and purges are synced by a task of their own (the flusher), not inside
+//! `append` and `purge`: openraft 0.9 awaits both inside its core loop, so a sync there
+//! stalls the whole core (no heartbeat sent or handled, no election timer reset) for as
+//! long as the disk takes, and next to a snapshot of a few hundred MB being written an
+//! `fdatasync` of the log can wait for the journal to carry those pages too. `append`
+//! writes the entries into sled (readable at once) and queues its callback; the flusher
+//! runs one sync for every callback queued meanwhile (group commit) and fires them in
+//! order, so entries are still acknowledged only once durable. `purge` records the purge
+//! point (readers skip entries at or below it) and the flusher makes it durable before
+//! deleting the entries. The flusher's syncs run on tokio's blocking pool, which the
+//! deterministic simulation (`raft-tests`) controls like every other sync.
 
 use std::fmt::Debug;
 use std::fs::File;
@@ -28,6 +40,7 @@ use std::sync::Arc;
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, LogState, RaftLogReader, StorageIOError, Vote};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 
 use super::integrity::Corruption;
 use super::{LogId, NodeId, StorageError, TypeConfig};
@@ -113,10 +126,118 @@ pub struct LogStore {
     log: sled::Tree,
     meta: sled::Tree,
     dir: Arc<PathBuf>,
+    /// What a sync covers.
+    disk: Arc<Disk>,
+    /// Where appends and purges queue their work, started by the first one (the store
+    /// may be opened outside a runtime).
+    flusher: Arc<std::sync::OnceLock<mpsc::UnboundedSender<Job>>>,
+}
+
+/// The files of one database that a sync makes durable.
+struct Disk {
+    db: sled::Db,
+    /// The log tree, for the flusher's deletes after a purge.
+    log: sled::Tree,
     /// sled's data file, kept open to `fdatasync` it after every flush.
-    data_file: Arc<File>,
+    data_file: File,
+    /// sled's directory of blob files.
+    blobs: PathBuf,
     /// Blob files already synced (sled never rewrites a blob file in place).
-    synced_blobs: Arc<std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>>,
+    synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
+}
+
+impl Disk {
+    /// sled flush, then (when `durable`) fdatasync of new blob files and the data file.
+    /// Blocking.
+    fn sync(&self, durable: bool) -> std::io::Result<()> {
+        self.db.flush().map_err(std::io::Error::other)?;
+        if !durable {
+            return Ok(());
+        }
+        sync_new_blobs(&self.blobs, &self.synced_blobs)?;
+        self.data_file.sync_data()
+    }
+}
+
+/// Work for the flusher, done in the order it was queued.
+enum Job {
+    /// An append waiting for its sync.
+    Flush {
+        callback: LogFlushed<TypeConfig>,
+        durable: bool,
+    },
+    /// Delete the entries up to this index, once the purge point recorded before is
+    /// durable.
+    Purge { upto: u64, durable: bool },
+    /// Answered once everything queued before it is done.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// The flusher: takes everything queued while the last round ran and does it on the
+/// blocking pool, one sync per run of appends. Ends when every store is dropped.
+async fn run_flusher(disk: Arc<Disk>, mut queue: mpsc::UnboundedReceiver<Job>) {
+    while let Some(first) = queue.recv().await {
+        let mut jobs = vec![first];
+        while let Ok(job) = queue.try_recv() {
+            jobs.push(job);
+        }
+        let disk = disk.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || run_jobs(&disk, jobs)).await {
+            // The callbacks are dropped with the jobs: openraft sees its log I/O fail.
+            tracing::error!(error = %e, "the Raft log flusher failed");
+        }
+    }
+}
+
+/// Does one round of queued work, in order. Blocking.
+fn run_jobs(disk: &Disk, jobs: Vec<Job>) {
+    let mut waiting = Vec::new();
+    for job in jobs {
+        match job {
+            Job::Flush { callback, durable } => waiting.push((callback, durable)),
+            Job::Purge { upto, durable } => {
+                complete(disk, &mut waiting);
+                purge_upto(disk, upto, durable);
+            }
+            Job::Barrier(done) => {
+                complete(disk, &mut waiting);
+                let _ = done.send(());
+            }
+        }
+    }
+    complete(disk, &mut waiting);
+}
+
+/// One sync for all the waiting appends, then their callbacks in order (a failed sync
+/// reaches openraft through them and stops its core).
+fn complete(disk: &Disk, waiting: &mut Vec<(LogFlushed<TypeConfig>, bool)>) {
+    if waiting.is_empty() {
+        return;
+    }
+    let synced = disk.sync(waiting.iter().any(|(_, durable)| *durable));
+    for (callback, _) in waiting.drain(..) {
+        let outcome = match &synced {
+            Ok(()) => Ok(()),
+            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+        };
+        callback.log_io_completed(outcome);
+    }
+}
+
+/// Deletes the entries up to `upto` once the purge point is durable: a crash before
+/// that sync leaves the entries (readers skip them), never a hole. A failure leaves them
+/// too, and is only logged: the next purge deletes them.
+fn purge_upto(disk: &Disk, upto: u64, durable: bool) {
+    let deleted = disk.sync(durable).and_then(|()| {
+        let mut batch = sled::Batch::default();
+        for key in disk.log.range(..=index_key(upto)).keys() {
+            batch.remove(key.map_err(std::io::Error::other)?);
+        }
+        disk.log.apply_batch(batch).map_err(std::io::Error::other)
+    });
+    if let Err(e) = deleted {
+        tracing::warn!(upto, error = %e, "cannot delete purged log entries yet");
+    }
 }
 
 fn io_err(
@@ -154,14 +275,21 @@ impl LogStore {
             path: data_path.clone(),
             source,
         })?;
+        let disk = Arc::new(Disk {
+            db: db.clone(),
+            log: log.clone(),
+            data_file,
+            blobs: dir.join("blobs"),
+            synced_blobs: Default::default(),
+        });
         let store = LogStore {
             durability: Durability::Fsync,
             db,
             log,
             meta,
             dir: Arc::new(dir.to_path_buf()),
-            data_file: Arc::new(data_file),
-            synced_blobs: Arc::default(),
+            disk,
+            flusher: Arc::default(),
         };
         let fresh = match store.meta.get(KEY_IDENTITY).map_err(sled_err)? {
             Some(bytes) => {
@@ -206,8 +334,7 @@ impl LogStore {
 
     /// Flushes sled and makes the flushed bytes durable.
     fn sync_blocking(&self) -> std::io::Result<()> {
-        self.db.flush().map_err(std::io::Error::other)?;
-        self.data_file.sync_data()
+        self.disk.sync(true)
     }
 
     /// Sets how far appends go before they are acknowledged (benchmarks compare the two).
@@ -222,21 +349,40 @@ impl LogStore {
     /// One blocking-pool hop does it all: sled's own `flush_async` goes through sled's
     /// thread pool and its one-shot future, which measured ~45 ms per append here.
     async fn sync(&self) -> std::io::Result<()> {
-        let db = self.db.clone();
+        let disk = self.disk.clone();
         let durable = self.durability != Durability::FlushOnly;
-        let file = self.data_file.clone();
-        let blobs = self.dir.join("blobs");
-        let synced = self.synced_blobs.clone();
-        tokio::task::spawn_blocking(move || {
-            db.flush().map_err(std::io::Error::other)?;
-            if !durable {
-                return Ok(());
-            }
-            sync_new_blobs(&blobs, &synced)?;
-            file.sync_data()
+        tokio::task::spawn_blocking(move || disk.sync(durable))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// Queues work for the flusher, starting it on first use.
+    fn queue(&self, job: Job, subject: ErrorSubject<NodeId>) -> Result<(), StorageError> {
+        let sender = self.flusher.get_or_init(|| {
+            let (sender, queue) = mpsc::unbounded_channel();
+            tokio::spawn(run_flusher(self.disk.clone(), queue));
+            sender
+        });
+        sender.send(job).map_err(|_| {
+            io_err(
+                subject,
+                ErrorVerb::Write,
+                std::io::Error::other("the Raft log's flusher has stopped"),
+            )
         })
-        .await
-        .map_err(std::io::Error::other)?
+    }
+
+    /// Waits until every append and purge queued so far is done.
+    async fn settle(&self) -> Result<(), StorageError> {
+        let (done, settled) = oneshot::channel();
+        self.queue(Job::Barrier(done), ErrorSubject::Logs)?;
+        settled.await.map_err(|_| {
+            io_err(
+                ErrorSubject::Logs,
+                ErrorVerb::Write,
+                std::io::Error::other("the Raft log's flusher has stopped"),
+            )
+        })
     }
 
     fn get_meta<T: for<'de> Deserialize<'de>>(
@@ -521,20 +667,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-        // Entries are readable now; they are durable once the sync returns.
-        let synced = self.sync().await;
-        let failed = synced
-            .as_ref()
-            .err()
-            .map(|e| std::io::Error::new(e.kind(), e.to_string()));
-        callback.log_io_completed(synced);
-        match failed {
-            Some(e) => Err(io_err(ErrorSubject::Logs, ErrorVerb::Write, e)),
-            None => Ok(()),
-        }
+        // Entries are readable now; the flusher makes them durable, then calls back.
+        let flush = Job::Flush {
+            callback,
+            durable: self.durability != Durability::FlushOnly,
+        };
+        self.queue(flush, ErrorSubject::Logs)
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Appends still being synced are acknowledged first, so that no callback fires
+        // for entries after they are gone.
+        self.settle().await?;
         // Delete [log_id.index, +oo), newest first so that a crash midway leaves no hole.
         let keys: Vec<sled::IVec> = self
             .log
@@ -555,26 +699,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        // Record the purge point durably first: a crash after it but before the deletes
-        // leaves entries below it, which readers skip; the reverse could leave a hole.
+        // openraft awaits this inside its core loop: a sync and thousands of deletes here
+        // stalled the core after every snapshot. Record the purge point (readers skip the
+        // entries up to it at once) and let the flusher make it durable, then delete.
         self.put_meta(KEY_LAST_PURGED, &log_id, ErrorSubject::Logs)?;
-        self.sync()
-            .await
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-        let keys: Vec<sled::IVec> = self
-            .log
-            .range(..=index_key(log_id.index))
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-        let mut batch = sled::Batch::default();
-        for k in keys {
-            batch.remove(k);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-        Ok(())
+        let purge = Job::Purge {
+            upto: log_id.index,
+            durable: self.durability != Durability::FlushOnly,
+        };
+        self.queue(purge, ErrorSubject::Logs)
     }
 }
 
