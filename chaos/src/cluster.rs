@@ -36,6 +36,11 @@ pub fn bin_dir() -> PathBuf {
 /// connection flood reaches it without exhausting the harness's own descriptors.
 pub const MAX_CONNECTIONS: usize = 128;
 
+/// The replicas' snapshot interval (`--snapshot-after-logs`): low, so that a run of a
+/// few minutes builds, sends, installs and purges snapshots (the production default
+/// of 10,000 entries is an hour of the workload), and a corrupted file can be one.
+pub const SNAPSHOT_AFTER_LOGS: u64 = 500;
+
 /// A background fault that runs until the heal: busy threads, or a throttling loop.
 struct Background {
     stop: Arc<AtomicBool>,
@@ -270,6 +275,8 @@ impl Cluster {
                 peers,
                 "--max-connections".into(),
                 MAX_CONNECTIONS.to_string(),
+                "--snapshot-after-logs".into(),
+                SNAPSHOT_AFTER_LOGS.to_string(),
             ];
             if let Some(certs) = &c.certs {
                 let file = |name: &str| certs.join(name).display().to_string();

@@ -190,7 +190,7 @@ async fn run_flusher(disk: Arc<Disk>, mut queue: mpsc::UnboundedReceiver<Job>) {
 }
 
 /// Does one round of queued work, in order. Blocking.
-fn run_jobs(disk: &Disk, jobs: Vec<Job>) {
+fn run_jobs(disk: &Arc<Disk>, jobs: Vec<Job>) {
     let mut waiting = Vec::new();
     for job in jobs {
         match job {
@@ -224,19 +224,57 @@ fn complete(disk: &Disk, waiting: &mut Vec<(LogFlushed<TypeConfig>, bool)>) {
     }
 }
 
-/// Deletes the entries up to `upto` once the purge point is durable: a crash before
-/// that sync leaves the entries (readers skip them), never a hole. A failure leaves them
-/// too, and is only logged: the next purge deletes them.
-fn purge_upto(disk: &Disk, upto: u64, durable: bool) {
-    let deleted = disk.sync(durable).and_then(|()| {
-        let mut batch = sled::Batch::default();
-        for key in disk.log.range(..=index_key(upto)).keys() {
-            batch.remove(key.map_err(std::io::Error::other)?);
+/// Entries deleted per sled batch after a purge. sled applies a batch under its global
+/// write lock, which every other write (the next append) waits for: one batch of the
+/// 13,000 entries a snapshot frees held appends long enough for a follower to miss its
+/// leader's heartbeats and start an election (64 writers, 2026-11-28).
+const PURGE_CHUNK: usize = 128;
+
+/// Makes the purge point durable, then deletes the entries up to `upto` in the
+/// background, a few at a time: a crash before that sync leaves the entries (readers
+/// skip them), never a hole. A failure leaves them too, and is only logged: the next
+/// purge deletes them.
+fn purge_upto(disk: &Arc<Disk>, upto: u64, durable: bool) {
+    if let Err(e) = disk.sync(durable) {
+        tracing::warn!(upto, error = %e, "cannot make the purge point durable yet");
+        return;
+    }
+    let disk = disk.clone();
+    let delete = move || {
+        let mut deleted = 0usize;
+        loop {
+            let keys: Vec<sled::IVec> = match disk
+                .log
+                .range(..=index_key(upto))
+                .keys()
+                .take(PURGE_CHUNK)
+                .collect::<Result<_, _>>()
+            {
+                Ok(keys) => keys,
+                Err(e) => {
+                    tracing::warn!(upto, error = %e, "cannot delete purged log entries yet");
+                    return;
+                }
+            };
+            if keys.is_empty() {
+                break;
+            }
+            let mut batch = sled::Batch::default();
+            for k in keys {
+                batch.remove(k);
+                deleted += 1;
+            }
+            if let Err(e) = disk.log.apply_batch(batch) {
+                tracing::warn!(upto, error = %e, "cannot delete purged log entries yet");
+                return;
+            }
         }
-        disk.log.apply_batch(batch).map_err(std::io::Error::other)
-    });
-    if let Err(e) = deleted {
-        tracing::warn!(upto, error = %e, "cannot delete purged log entries yet");
+        tracing::debug!(upto, deleted, "purged log entries deleted");
+    };
+    // On the blocking pool beside the flusher, so appends are not held behind it.
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(delete)),
+        Err(_) => delete(),
     }
 }
 
