@@ -207,6 +207,19 @@ pub enum ClusterCmd {
         /// Its id.
         id: u64,
     },
+    /// Replaces a replica whose data is lost (a wiped or new disk) by a fresh one with
+    /// the same id: removes it if it is a voter, adds it back as a learner, waits until
+    /// the replica (started with an empty data directory, before or during this command)
+    /// has caught up, and makes it a voter. Safe to run again after an interruption.
+    ReplaceNode {
+        /// Its id.
+        id: u64,
+        /// Its address (host:port); default: its address in the membership.
+        addr: Option<String>,
+        /// How long to wait for the replica to start and catch up, in seconds.
+        #[arg(long, default_value_t = 300)]
+        wait: u64,
+    },
     /// Backups of the replicated state.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
@@ -613,6 +626,41 @@ async fn cluster(client: &Client, out: &Output, cmd: ClusterCmd) -> Result<u8, F
         }
         ClusterCmd::RemoveNode { id } => {
             let resp = client.remove_node(id).await?;
+            out.members(&resp.membership);
+            Ok(exit::OK)
+        }
+        ClusterCmd::ReplaceNode { id, addr, wait } => {
+            let members = client.cluster_status().await?.membership;
+            let current = members.iter().find(|m| m.id == id);
+            let addr = match (addr, current) {
+                (Some(a), _) => a,
+                (None, Some(m)) => m.address.clone(),
+                (None, None) => {
+                    return Err(failure(
+                        exit::USAGE,
+                        format!("replica {id} is not a member: give its address (replace-node {id} HOST:PORT)"),
+                    ))
+                }
+            };
+            if current.is_some_and(|m| m.voter) {
+                client.remove_node(id).await?;
+                eprintln!("removed voter {id}");
+            }
+            eprintln!(
+                "waiting up to {wait}s for replica {id} at {addr} to start with an empty data directory and catch up"
+            );
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+            let resp = loop {
+                match client.add_node(id, &addr, true).await {
+                    Ok(resp) => break resp,
+                    Err(e) if tokio::time::Instant::now() < deadline => {
+                        tracing::debug!(error = %e, "replica not caught up yet");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            eprintln!("replica {id} is a voter again");
             out.members(&resp.membership);
             Ok(exit::OK)
         }

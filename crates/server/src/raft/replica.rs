@@ -3,7 +3,8 @@
 //!
 //! Storage layout under the data directory:
 //! - `raft/`: the sled database of the log store (entries, vote, committed, identity);
-//! - `snapshot/current.snap`: the current snapshot of the state machine.
+//! - `snapshot/current.snap`: the current snapshot of the state machine;
+//! - `cluster-id`: the cluster id and the peers seen with data (`identity`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use openraft::{Config, SnapshotPolicy};
 
 use super::barrier::Barrier;
 use super::batcher::Batcher;
+use super::identity::{self, ClusterIdentity, Decision, IdentityError, InitialClusterState};
 use super::integrity;
 use super::log_store::{Identity, LogStore, OpenError};
 use super::network::{GrpcNetwork, NetworkConfig};
@@ -120,6 +122,12 @@ pub enum StartError {
     /// openraft refused to start.
     #[error("raft: {0}")]
     Raft(String),
+    /// The cluster identity file cannot be used.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// An empty data directory must not start (see `identity::decide`).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// How long a restarted replica stays out of elections unless it hears from a leader
@@ -129,6 +137,9 @@ pub enum StartError {
 /// once, loses it (its log is behind), but its higher term deposes the leader: a
 /// needless election on every restart (openraft 0.9 has no pre-vote).
 pub const RESTART_ELECTION_GRACE: Duration = Duration::from_millis(1000);
+
+/// How long an empty data directory waits for each peer's `Identify` answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// What a replica needs to start.
 #[derive(Clone, Debug)]
@@ -141,6 +152,8 @@ pub struct ReplicaOptions {
     pub cluster: String,
     /// Members of a new cluster; used only if the data directory is new.
     pub initial_cluster: BTreeMap<NodeId, String>,
+    /// Whether an empty data directory may bootstrap (see `identity::decide`).
+    pub initial_cluster_state: InitialClusterState,
     /// Raft timing.
     pub raft: RaftSettings,
     /// State-machine limits for a new cluster.
@@ -160,6 +173,8 @@ pub struct Replica {
     pub raft: Raft,
     /// The applied state, for reads.
     pub state: SharedState,
+    /// The cluster id and the peers seen with data.
+    pub identity: ClusterIdentity,
     log: LogStore,
     batcher: Batcher,
     barrier: Barrier,
@@ -197,6 +212,7 @@ impl Replica {
     /// bootstraps the cluster if this replica is the lowest id of `initial_cluster`;
     /// a directory with data never re-initialises.
     pub async fn start(opts: ReplicaOptions) -> Result<Replica, StartError> {
+        let identity = ClusterIdentity::load(&opts.data_dir)?;
         let network = GrpcNetwork::new(
             opts.id,
             NetworkConfig {
@@ -204,14 +220,30 @@ impl Replica {
                 tls: opts.peer_tls.clone(),
                 ..NetworkConfig::default()
             },
-        );
-        Self::start_with_network(opts, network).await
+        )
+        .with_identity(identity.clone());
+        Self::start_inner(opts, network, identity, true).await
     }
 
     /// As [`Replica::start`], with any network (the raft tests use an in-process one).
     pub async fn start_with_network<N>(
         opts: ReplicaOptions,
         network: N,
+    ) -> Result<Replica, StartError>
+    where
+        N: openraft::RaftNetworkFactory<TypeConfig>,
+    {
+        let identity = ClusterIdentity::load(&opts.data_dir)?;
+        Self::start_inner(opts, network, identity, false).await
+    }
+
+    /// Starts the replica; `probe`: ask the peers of `initial_cluster` before an empty
+    /// data directory bootstraps (over gRPC; the in-process raft tests cannot).
+    async fn start_inner<N>(
+        opts: ReplicaOptions,
+        network: N,
+        identity: ClusterIdentity,
+        probe: bool,
     ) -> Result<Replica, StartError>
     where
         N: openraft::RaftNetworkFactory<TypeConfig>,
@@ -227,6 +259,10 @@ impl Replica {
         let (mut log, sm, _) =
             open_storage(&opts.data_dir, &identity, opts.state_config.clone()).await?;
         let pristine = log.is_pristine().await? && sm.shared().read().last_applied.is_none();
+        let decision = match pristine && identity.id().is_none() {
+            true => Some(Self::decide_empty_start(&opts, probe).await?),
+            false => None,
+        };
         let state = sm.shared();
         let raft = Raft::new(opts.id, Arc::new(config), network, log.clone(), sm)
             .await
@@ -237,12 +273,21 @@ impl Replica {
             id: opts.id,
             raft,
             state,
+            identity: identity.clone(),
             log,
             batcher,
             barrier,
         };
-        let bootstrapper = opts.initial_cluster.keys().next() == Some(&opts.id);
-        if pristine && bootstrapper {
+        if identity.id().is_none() {
+            identity::draw_when_leading(
+                replica.raft.clone(),
+                identity.clone(),
+                opts.id,
+                Duration::from_millis(opts.raft.heartbeat_ms),
+            );
+        }
+        if decision == Some(Decision::Bootstrap) {
+            let cluster_id = identity.draw()?;
             let members: BTreeMap<NodeId, Node> = opts
                 .initial_cluster
                 .iter()
@@ -250,13 +295,15 @@ impl Replica {
                 .collect();
             match replica.raft.initialize(members).await {
                 Ok(()) => {
-                    tracing::info!(members = ?opts.initial_cluster, "initialised a new cluster")
+                    tracing::info!(members = ?opts.initial_cluster, %cluster_id, "initialised a new cluster")
                 }
                 Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
                     tracing::info!("cluster already initialised")
                 }
                 Err(e) => return Err(StartError::Raft(e.to_string())),
             }
+        } else if let Some(Decision::Wait(why)) = decision {
+            tracing::info!("new data directory: {why}");
         } else if pristine {
             tracing::info!("new data directory: waiting for the cluster to contact this replica");
         } else {
@@ -264,6 +311,33 @@ impl Replica {
             replica.hold_elections_after_restart(RESTART_ELECTION_GRACE);
         }
         Ok(replica)
+    }
+
+    /// What an empty data directory does: bootstrap, wait, or refuse (an error).
+    async fn decide_empty_start(opts: &ReplicaOptions, probe: bool) -> Result<Decision, StartError> {
+        let mut peers = opts.initial_cluster.clone();
+        peers.extend(opts.peer_addresses.clone());
+        let answers = match probe {
+            true => {
+                identity::probe(opts.id, &peers, opts.peer_tls.as_ref(), PROBE_TIMEOUT).await
+            }
+            false => Vec::new(),
+        };
+        let address = opts
+            .initial_cluster
+            .get(&opts.id)
+            .map_or("ADDR", String::as_str);
+        let bootstrapper = opts.initial_cluster.keys().next() == Some(&opts.id);
+        match identity::decide(
+            opts.id,
+            address,
+            opts.initial_cluster_state,
+            bootstrapper,
+            &answers,
+        ) {
+            Decision::Refuse(why) => Err(StartError::Refused(why)),
+            other => Ok(other),
+        }
     }
 
     /// Keeps this replica from starting an election until it has heard from a leader or

@@ -32,6 +32,7 @@ impl From<ApiError> for Status {
             ApiError::Unauthenticated(m) => Status::unauthenticated(m),
             ApiError::PermissionDenied(m) => Status::permission_denied(m),
             ApiError::ResourceExhausted(m) => Status::resource_exhausted(m),
+            ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
             ApiError::Internal(m) => Status::internal(m),
         }
     }
