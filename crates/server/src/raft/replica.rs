@@ -138,6 +138,23 @@ pub enum StartError {
 /// needless election on every restart (openraft 0.9 has no pre-vote).
 pub const RESTART_ELECTION_GRACE: Duration = Duration::from_millis(1000);
 
+/// The leader replica `me` reports (Status, health, hints, forwarding): another
+/// replica as openraft knows it (a follower learns of a leader only from its
+/// AppendEntries, which a quorum's votes made leader), but itself only once a quorum
+/// acknowledged it in its current term. openraft makes a restarted leader whose vote was
+/// committed leader again at once, at its old term, before anyone answered it; without
+/// this it reports LEADER for the moments until a higher term deposes it.
+pub fn reported_leader(m: &RaftMetrics, me: NodeId) -> Option<NodeId> {
+    match m.current_leader {
+        Some(id) if id == me => {
+            let confirmed = m.state == openraft::ServerState::Leader
+                && m.millis_since_quorum_ack.is_some();
+            confirmed.then_some(id)
+        }
+        other => other,
+    }
+}
+
 /// How long an empty data directory waits for each peer's `Identify` answer.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -252,12 +269,12 @@ impl Replica {
             .raft
             .to_openraft(&opts.cluster, opts.id)
             .map_err(StartError::Settings)?;
-        let identity = Identity {
+        let directory = Identity {
             cluster: opts.cluster.clone(),
             node_id: opts.id,
         };
         let (mut log, sm, _) =
-            open_storage(&opts.data_dir, &identity, opts.state_config.clone()).await?;
+            open_storage(&opts.data_dir, &directory, opts.state_config.clone()).await?;
         let pristine = log.is_pristine().await? && sm.shared().read().last_applied.is_none();
         let decision = match pristine && identity.id().is_none() {
             true => Some(Self::decide_empty_start(&opts, probe).await?),
@@ -448,10 +465,11 @@ impl Replica {
         self.raft.metrics().borrow().clone()
     }
 
-    /// The leader's id and address, if known.
+    /// The leader's id and address, if known; this replica only once a quorum confirmed
+    /// it in its current term ([`reported_leader`]).
     pub fn leader(&self) -> Option<(NodeId, String)> {
         let m = self.metrics();
-        let id = m.current_leader?;
+        let id = reported_leader(&m, self.id)?;
         let addr = m
             .membership_config
             .membership()

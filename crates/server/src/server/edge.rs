@@ -206,6 +206,7 @@ edge_request! {
     ListTokensRequest;
     RevokeTokenRequest;
     RaftMessage;
+    IdentifyRequest;
 }
 
 /// The replica and the means to reach its leader, shared by the services.
