@@ -100,7 +100,10 @@ async fn replace(c: &mut ProcCluster, id: u64, client: &Client) {
         .await
         .expect("join");
     assert_eq!(code, 0, "{out}\n{err}");
-    assert!(err.contains(&format!("replica {id} is a voter again")), "{err}");
+    assert!(
+        err.contains(&format!("replica {id} is a voter again")),
+        "{err}"
+    );
     wait_for(T, "three voters", || async {
         (voters(client).await.len() == 3).then_some(())
     })
@@ -125,7 +128,11 @@ async fn a_wiped_follower_is_refused_and_replace_node_brings_it_back() {
     submit(&client, "after", 3).await;
     c.converged(&client, T, "after new writes").await;
     for r in 1..=3 {
-        assert_eq!(cluster_id(&c, r), id, "replica {r} keeps the one cluster id");
+        assert_eq!(
+            cluster_id(&c, r),
+            id,
+            "replica {r} keeps the one cluster id"
+        );
     }
 }
 
@@ -145,7 +152,11 @@ async fn a_wiped_bootstrapper_never_starts_a_second_cluster() {
     assert_eq!(cluster_id(&c, 3), id);
     replace(&mut c, 1, &client).await;
     for r in 1..=3 {
-        assert_eq!(cluster_id(&c, r), id, "replica {r} keeps the one cluster id");
+        assert_eq!(
+            cluster_id(&c, r),
+            id,
+            "replica {r} keeps the one cluster id"
+        );
     }
 }
 
@@ -174,8 +185,7 @@ async fn a_replica_of_another_cluster_is_refused_by_the_peers() {
     std::fs::remove_dir_all(a.data_dir(3)).expect("remove");
     copy_dir(b.data_dir(3), a.data_dir(3));
     let peers = format!("1={},2={}", a.procs[&1].addr, a.procs[&2].addr);
-    a.extra_args
-        .extend(["--peer-addresses".to_string(), peers]);
+    a.extra_args.extend(["--peer-addresses".to_string(), peers]);
     a.spawn(3);
 
     let leader = leader_among(&a, &client_a, &[1, 2]).await;

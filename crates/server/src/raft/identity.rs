@@ -316,7 +316,12 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), IdentityError> {
 /// For data written before cluster ids existed: a leader without an id, acknowledged by
 /// a quorum in its term, first gives its followers' answers two heartbeats to hand it
 /// an id (a follower that already adopted one of an earlier leader), then draws one.
-pub fn draw_when_leading(raft: Raft, identity: ClusterIdentity, local: NodeId, heartbeat: Duration) {
+pub fn draw_when_leading(
+    raft: Raft,
+    identity: ClusterIdentity,
+    local: NodeId,
+    heartbeat: Duration,
+) {
     tokio::spawn(async move {
         let mut metrics = raft.metrics();
         loop {
@@ -406,7 +411,9 @@ pub fn decide(
         .filter(|a| a.has_data || !a.cluster_id.is_empty())
         .collect();
     if let Some(first) = existing.first() {
-        let voter = existing.iter().any(|a| a.voters.contains(&local));
+        // Every peer must still count it a voter: one that already sees it removed or
+        // re-added as a learner (a replacement under way) wins over a lagging one.
+        let voter = existing.iter().all(|a| a.voters.contains(&local));
         let had_data = existing.iter().any(|a| a.seen_with_data.contains(&local));
         let cluster = if first.cluster_id.is_empty() {
             "(no id yet)".to_string()
@@ -454,10 +461,17 @@ pub async fn probe(
                     return None;
                 }
             };
-            let channel = endpoint.connect().await.ok()?;
-            let answer = RaftServiceClient::new(channel)
-                .identify(IdentifyRequest { node_id: local })
-                .await;
+            // A peer that is starting has bound its port but serves nothing yet: the
+            // connection is accepted and the handshake never ends. Bound it all.
+            let call = async {
+                let channel = endpoint.connect().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                RaftServiceClient::new(channel)
+                    .identify(IdentifyRequest { node_id: local })
+                    .await
+            };
+            let answer = tokio::time::timeout(timeout, call)
+                .await
+                .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer")));
             match answer {
                 Ok(r) => Some(PeerView::from(r.into_inner())),
                 Err(status) => {
@@ -512,7 +526,10 @@ mod tests {
         assert_eq!(again.id(), Some(id));
         std::fs::write(dir.path().join(FILE_NAME), "cluster-id xyz\n").unwrap();
         let err = ClusterIdentity::load(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("cluster-id") && err.contains("bad cluster id"), "{err}");
+        assert!(
+            err.contains("cluster-id") && err.contains("bad cluster id"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -544,10 +561,19 @@ mod tests {
             node_id: 2,
             ..PeerView::default()
         };
-        assert_eq!(decide(1, "a:1", new, true, &[pristine]), Decision::Bootstrap);
-        assert!(matches!(decide(2, "a:2", new, false, &[]), Decision::Wait(_)));
+        assert_eq!(
+            decide(1, "a:1", new, true, &[pristine]),
+            Decision::Bootstrap
+        );
+        assert!(matches!(
+            decide(2, "a:2", new, false, &[]),
+            Decision::Wait(_)
+        ));
         let existing = InitialClusterState::Existing;
-        assert!(matches!(decide(1, "a:1", existing, true, &[]), Decision::Wait(_)));
+        assert!(matches!(
+            decide(1, "a:1", existing, true, &[]),
+            Decision::Wait(_)
+        ));
     }
 
     #[test]
@@ -563,11 +589,14 @@ mod tests {
         let answers = [peer(2, A, &[1, 2, 3], &[1, 3]), peer(3, A, &[1, 2, 3], &[])];
         let d = decide(1, "h:7001", InitialClusterState::New, true, &answers);
         match d {
-            Decision::Refuse(m) => assert!(m.contains("dispatchctl cluster replace-node 1 h:7001"), "{m}"),
+            Decision::Refuse(m) => assert!(
+                m.contains("dispatchctl cluster replace-node 1 h:7001"),
+                "{m}"
+            ),
             other => panic!("{other:?}"),
         }
         // Once removed (or re-added as a learner) it waits to be caught up.
-        let removed = [peer(2, A, &[2, 3], &[1, 3])];
+        let removed = [peer(2, A, &[2, 3], &[1, 3]), peer(3, A, &[1, 2, 3], &[1])];
         assert!(matches!(
             decide(1, "h:7001", InitialClusterState::Existing, true, &removed),
             Decision::Wait(_)

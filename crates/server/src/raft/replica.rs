@@ -147,8 +147,8 @@ pub const RESTART_ELECTION_GRACE: Duration = Duration::from_millis(1000);
 pub fn reported_leader(m: &RaftMetrics, me: NodeId) -> Option<NodeId> {
     match m.current_leader {
         Some(id) if id == me => {
-            let confirmed = m.state == openraft::ServerState::Leader
-                && m.millis_since_quorum_ack.is_some();
+            let confirmed =
+                m.state == openraft::ServerState::Leader && m.millis_since_quorum_ack.is_some();
             confirmed.then_some(id)
         }
         other => other,
@@ -331,13 +331,14 @@ impl Replica {
     }
 
     /// What an empty data directory does: bootstrap, wait, or refuse (an error).
-    async fn decide_empty_start(opts: &ReplicaOptions, probe: bool) -> Result<Decision, StartError> {
+    async fn decide_empty_start(
+        opts: &ReplicaOptions,
+        probe: bool,
+    ) -> Result<Decision, StartError> {
         let mut peers = opts.initial_cluster.clone();
         peers.extend(opts.peer_addresses.clone());
         let answers = match probe {
-            true => {
-                identity::probe(opts.id, &peers, opts.peer_tls.as_ref(), PROBE_TIMEOUT).await
-            }
+            true => identity::probe(opts.id, &peers, opts.peer_tls.as_ref(), PROBE_TIMEOUT).await,
             false => Vec::new(),
         };
         let address = opts

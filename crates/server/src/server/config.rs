@@ -13,8 +13,8 @@ use serde::Deserialize;
 use dispatcher_core::state::ResourceLimits;
 
 use crate::leader::LivenessSettings;
-use crate::raft::replica::RaftSettings;
 pub use crate::raft::identity::InitialClusterState;
+use crate::raft::replica::RaftSettings;
 use crate::raft::NodeId;
 pub use crate::tls::TlsFiles;
 

@@ -94,11 +94,15 @@ impl RaftServer {
         let replica = &self.edge.replica;
         let metrics = replica.metrics();
         let membership = metrics.membership_config.membership();
-        let voters: Vec<u64> = membership.voter_ids().collect();
+        // The latest config: during a joint change, the one it moves to.
+        let voters: Vec<u64> = membership
+            .get_joint_config()
+            .last()
+            .map(|c| c.iter().copied().collect())
+            .unwrap_or_default();
         let learners: Vec<u64> = membership.learner_ids().collect();
-        let has_data = metrics.last_log_index.is_some()
-            || metrics.snapshot.is_some()
-            || !voters.is_empty();
+        let has_data =
+            metrics.last_log_index.is_some() || metrics.snapshot.is_some() || !voters.is_empty();
         Ok(IdentifyResponse {
             node_id: replica.id,
             cluster_id: replica.identity.wire(),
@@ -123,7 +127,11 @@ impl RaftServer {
         reply(&self.inbox.append_entries(rpc).await?, self.ours())
     }
 
-    async fn vote(&self, caller: Caller, mut message: RaftMessage) -> Result<RaftMessage, ApiError> {
+    async fn vote(
+        &self,
+        caller: Caller,
+        mut message: RaftMessage,
+    ) -> Result<RaftMessage, ApiError> {
         let cluster_id = std::mem::take(&mut message.cluster_id);
         let rpc: VoteRequest<crate::raft::NodeId> = decode(message)?;
         caller.check_peer(sender(&rpc))?;
