@@ -29,17 +29,18 @@ async fn submit(client: &Client, prefix: &str, n: usize) {
     }
 }
 
-/// Voters of the membership as `client` sees it.
-async fn voters(client: &Client) -> Vec<u64> {
-    match client.cluster_status().await {
-        Ok(s) => s
+/// Voters of the membership as `client` sees it; `None` when no replica answers (which
+/// must not pass for "removed").
+async fn voters(client: &Client) -> Option<Vec<u64>> {
+    let status = client.cluster_status().await.ok()?;
+    Some(
+        status
             .membership
             .iter()
             .filter(|m| m.voter)
             .map(|m| m.id)
             .collect(),
-        Err(_) => vec![],
-    }
+    )
 }
 
 /// Kills replica `id`, empties its data directory and starts it again: it must refuse
@@ -92,10 +93,20 @@ async fn replace(c: &mut ProcCluster, id: u64, client: &Client) {
     });
     let others_client = c.client_for(&others.iter().map(String::as_str).collect::<Vec<_>>());
     wait_for(T, "the wiped voter to be removed", || async {
-        (!voters(&others_client).await.contains(&id)).then_some(())
+        voters(&others_client)
+            .await
+            .filter(|v| !v.contains(&id))
+            .map(|_| ())
     })
     .await;
+    // As an operator would: the same flags, and `existing`, since the cluster exists.
+    let flags = c.extra_args.clone();
+    c.extra_args.extend([
+        "--initial-cluster-state".to_string(),
+        "existing".to_string(),
+    ]);
     c.spawn(id);
+    c.extra_args = flags;
     let (code, out, err) = tokio::task::spawn_blocking(move || ctl.join().expect("dispatchctl"))
         .await
         .expect("join");
@@ -105,7 +116,7 @@ async fn replace(c: &mut ProcCluster, id: u64, client: &Client) {
         "{err}"
     );
     wait_for(T, "three voters", || async {
-        (voters(client).await.len() == 3).then_some(())
+        voters(client).await.filter(|v| v.len() == 3).map(|_| ())
     })
     .await;
     c.converged(client, T, "after replace-node").await;

@@ -155,6 +155,9 @@ pub fn reported_leader(m: &RaftMetrics, me: NodeId) -> Option<NodeId> {
     }
 }
 
+/// How long `add_node` waits for a learner to catch up before promoting it.
+pub const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
+
 /// How long an empty data directory waits for each peer's `Identify` answer.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -345,6 +348,17 @@ impl Replica {
             .initial_cluster
             .get(&opts.id)
             .map_or("ADDR", String::as_str);
+        for a in &answers {
+            tracing::info!(
+                peer = a.node_id,
+                cluster_id = %a.cluster_id,
+                has_data = a.has_data,
+                voters = ?a.voters,
+                learners = ?a.learners,
+                seen_with_data = ?a.seen_with_data,
+                "a peer's view of the cluster"
+            );
+        }
         let bootstrapper = opts.initial_cluster.keys().next() == Some(&opts.id);
         match identity::decide(
             opts.id,
@@ -407,17 +421,25 @@ impl Replica {
     }
 
     /// Adds a replica as a learner and, if `promote`, makes it a voter once it caught up.
+    /// Not caught up within [`CATCH_UP_WAIT`]: refused (it stays a learner; call again).
     pub async fn add_node(
         &self,
         id: NodeId,
         addr: String,
         promote: bool,
     ) -> Result<(), WriteError> {
-        self.raft
-            .add_learner(id, Node { addr }, true)
+        // Not openraft's blocking add: it counts a learner within
+        // `replication_lag_threshold` (5000 entries) of the leader as caught up, even one
+        // that never answered, so a small cluster would promote an empty, unstarted
+        // replica at once (a voter without the log: what replace-node must avoid).
+        let added = self
+            .raft
+            .add_learner(id, Node { addr }, false)
             .await
             .map_err(write_error)?;
         if promote {
+            self.wait_caught_up(id, added.log_id.index, CATCH_UP_WAIT)
+                .await?;
             let mut voters: std::collections::BTreeSet<NodeId> = self
                 .metrics()
                 .membership_config
@@ -431,6 +453,44 @@ impl Replica {
                 .map_err(write_error)?;
         }
         Ok(())
+    }
+
+    /// Waits until this leader has replicated to `id` everything up to `index` (the
+    /// entry that added it: the whole log as of then), at most `wait`.
+    async fn wait_caught_up(
+        &self,
+        id: NodeId,
+        index: u64,
+        wait: Duration,
+    ) -> Result<(), WriteError> {
+        let mut metrics = self.raft.metrics();
+        let mut matched = None;
+        let waited = tokio::time::timeout(wait, async {
+            loop {
+                {
+                    let m = metrics.borrow_and_update();
+                    let Some(replication) = &m.replication else {
+                        return Err(WriteError::NotLeader { leader: None });
+                    };
+                    matched = replication.get(&id).cloned().flatten().map(|l| l.index);
+                    if matched.is_some_and(|i| i >= index) {
+                        return Ok(());
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return Err(WriteError::Fatal("the Raft core stopped".into()));
+                }
+            }
+        })
+        .await;
+        match waited {
+            Ok(result) => result,
+            Err(_) => Err(WriteError::Membership(format!(
+                "replica {id} is a learner but has not caught up yet (it has {} of {index} entries after {}s): is it running and reachable? Call again to promote it",
+                matched.map_or("none".to_string(), |i| i.to_string()),
+                wait.as_secs()
+            ))),
+        }
     }
 
     /// Removes a replica from the cluster: a voter through joint consensus (removed
