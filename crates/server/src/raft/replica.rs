@@ -529,6 +529,12 @@ impl Replica {
     /// The leader's id and address, if known; this replica only once a quorum confirmed
     /// it in its current term ([`reported_leader`]).
     pub fn leader(&self) -> Option<(NodeId, String)> {
+        self.leader_in_term().map(|(id, addr, _)| (id, addr))
+    }
+
+    /// As [`Replica::leader`], with the term in which this replica knows it (from the
+    /// same metrics, so the two belong together).
+    pub fn leader_in_term(&self) -> Option<(NodeId, String, u64)> {
         let m = self.metrics();
         let id = reported_leader(&m, self.id)?;
         let addr = m
@@ -537,7 +543,7 @@ impl Replica {
             .get_node(&id)
             .map(|n| n.addr.clone())
             .unwrap_or_default();
-        Some((id, addr))
+        Some((id, addr, m.current_term))
     }
 
     /// Size of the Raft log database on disk.
