@@ -653,7 +653,9 @@ async fn cluster(client: &Client, out: &Output, cmd: ClusterCmd) -> Result<u8, F
             let resp = loop {
                 match client.add_node(id, &addr, true).await {
                     Ok(resp) => break resp,
-                    Err(e) if tokio::time::Instant::now() < deadline => {
+                    // Not caught up yet (FAILED_PRECONDITION) or no leader for now: try
+                    // again; any other refusal (a bad address, no permission) is final.
+                    Err(e) if catching_up(&e) && tokio::time::Instant::now() < deadline => {
                         tracing::debug!(error = %e, "replica not caught up yet");
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
@@ -675,9 +677,27 @@ async fn cluster(client: &Client, out: &Output, cmd: ClusterCmd) -> Result<u8, F
     }
 }
 
+/// Whether a failed promotion in `replace-node` is worth another try: the learner has
+/// not caught up yet, or no replica could serve the call for now.
+fn catching_up(e: &ClientError) -> bool {
+    match e {
+        ClientError::Rejected(s) => s.code() == Code::FailedPrecondition,
+        ClientError::Unavailable { .. } => true,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replace_node_retries_only_a_learner_not_caught_up_or_no_leader() {
+        let rejected = |code| ClientError::Rejected(tonic::Status::new(code, "x"));
+        assert!(catching_up(&rejected(Code::FailedPrecondition)));
+        assert!(!catching_up(&rejected(Code::PermissionDenied)));
+        assert!(!catching_up(&rejected(Code::InvalidArgument)));
+    }
 
     fn parse(timeout: &str) -> Result<Cli, clap::Error> {
         let flag = format!("--timeout={timeout}");
