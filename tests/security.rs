@@ -210,6 +210,7 @@ async fn strangers_wrong_roles_and_forged_peers_are_refused_and_the_cluster_serv
         let err = raft
             .vote(pb::RaftMessage {
                 payload: vote_payload(u64::MAX, sender),
+                cluster_id: String::new(),
             })
             .await
             .expect_err("a forged vote must be refused");

@@ -123,6 +123,7 @@ impl Cluster {
             } else {
                 BTreeMap::new()
             },
+            initial_cluster_state: Default::default(),
             raft: self.boot_settings(id),
             state_config: ClusterConfig::default(),
             peer_addresses: BTreeMap::new(),

@@ -29,6 +29,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use dispatcher_proto::headers::LEADER_ADDRESS as LEADER_ADDRESS_KEY;
+use dispatcher_proto::headers::LEADER_TERM as LEADER_TERM_KEY;
 use dispatcher_proto::v1 as pb;
 use dispatcher_proto::v1::cluster_service_client::ClusterServiceClient;
 use dispatcher_proto::v1::job_service_client::JobServiceClient;
@@ -38,7 +39,7 @@ mod attempts;
 pub mod security;
 pub(crate) use attempts::transport_cause;
 use attempts::{
-    classify, connection_dropped, leader_hint, no_answer_within, retryable, CallHistory,
+    classify, connection_dropped, hint_term, leader_hint, no_answer_within, retryable, CallHistory,
     EndpointChoice, PLAIN_TEXT_HINT,
 };
 pub use security::{BearerAuth, ConnectArgs, SecurityError, TlsConfig, Token};
@@ -335,7 +336,7 @@ impl Client {
             let fut = op(ch, t);
             async move {
                 fut.await.map(|r| {
-                    let hint = leader_hint(r.metadata());
+                    let hint = leader_hint(r.metadata()).map(|h| (h, hint_term(r.metadata())));
                     (r.into_inner(), hint)
                 })
             }
@@ -343,10 +344,11 @@ impl Client {
         .await
     }
 
+    /// Runs `op`, whose answer may carry a leader hint (address, and its term if given).
     async fn call_hinted<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
     where
         F: Fn(Connection, Duration) -> Fut,
-        Fut: Future<Output = Result<(T, Option<String>), Status>>,
+        Fut: Future<Output = Result<(T, Option<(String, Option<u64>)>), Status>>,
     {
         let started = Instant::now();
         let tries = Mutex::new(CallHistory::default());
@@ -367,7 +369,10 @@ impl Client {
                 Err(_) => Err(Status::deadline_exceeded(no_answer_within(per_try))),
             };
             match &result {
-                Ok((_, hint)) => self.choice().learn(&addr, Ok(hint.as_deref())),
+                Ok((_, hint)) => {
+                    let hint = hint.as_ref().map(|(h, t)| (h.as_str(), *t));
+                    self.choice().learn(&addr, Ok(hint))
+                }
                 Err(s) if retryable(s) => {
                     self.choice().learn(&addr, Err(s));
                     *last.lock().unwrap_or_else(|p| p.into_inner()) = s.clone();

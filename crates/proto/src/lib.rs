@@ -41,6 +41,10 @@ pub mod headers {
     pub const LEADER_ADDRESS: &str = "x-dispatcher-leader";
     /// On UNAVAILABLE ("not the leader"): the leader's node id.
     pub const LEADER_ID: &str = "x-dispatcher-leader-id";
+    /// With a leader hint: the Raft term in which the hinting replica knows that leader.
+    /// A client that has seen a hint of a newer term ignores it (the replica has not yet
+    /// heard of the election that deposed the leader it names).
+    pub const LEADER_TERM: &str = "x-dispatcher-leader-term";
     /// Marks a request a replica already forwarded once; it is never forwarded again.
     pub const FORWARDED: &str = "x-dispatcher-forwarded";
 }

@@ -43,6 +43,9 @@ pub enum ApiError {
     /// peer message from a replica that is not a member or not the sender).
     #[error("{0}")]
     PermissionDenied(String),
+    /// The request cannot be served in this replica's state (a peer of another cluster).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// A bound of this replica is reached (the message names it); retry later or elsewhere.
     #[error("{0}")]
     ResourceExhausted(String),

@@ -437,7 +437,12 @@ async fn send_once(addr: SocketAddr, kind: Kind, payload: Vec<u8>) -> Outcome {
         .expect("connect to a replica")
         .max_encoding_message_size(usize::MAX)
         .max_decoding_message_size(MAX_RAFT_MESSAGE);
-    let msg = pb::RaftMessage { payload };
+    // No cluster id: accepted like a replica's not yet contacted by a leader, so the
+    // guard under test is what decides.
+    let msg = pb::RaftMessage {
+        payload,
+        cluster_id: String::new(),
+    };
     let answer = match kind {
         Kind::Append => client.append_entries(msg).await,
         Kind::Vote => client.vote(msg).await,

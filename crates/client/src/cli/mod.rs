@@ -207,6 +207,19 @@ pub enum ClusterCmd {
         /// Its id.
         id: u64,
     },
+    /// Replaces a replica whose data is lost (a wiped or new disk) by a fresh one with
+    /// the same id: removes it if it is a voter, adds it back as a learner, waits until
+    /// the replica (started with an empty data directory, before or during this command)
+    /// has caught up, and makes it a voter. Safe to run again after an interruption.
+    ReplaceNode {
+        /// Its id.
+        id: u64,
+        /// Its address (host:port); default: its address in the membership.
+        addr: Option<String>,
+        /// How long to wait for the replica to start and catch up, in seconds.
+        #[arg(long, default_value_t = 300)]
+        wait: u64,
+    },
     /// Backups of the replicated state.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
@@ -616,6 +629,43 @@ async fn cluster(client: &Client, out: &Output, cmd: ClusterCmd) -> Result<u8, F
             out.members(&resp.membership);
             Ok(exit::OK)
         }
+        ClusterCmd::ReplaceNode { id, addr, wait } => {
+            let members = client.cluster_status().await?.membership;
+            let current = members.iter().find(|m| m.id == id);
+            let addr = match (addr, current) {
+                (Some(a), _) => a,
+                (None, Some(m)) => m.address.clone(),
+                (None, None) => {
+                    return Err(failure(
+                        exit::USAGE,
+                        format!("replica {id} is not a member: give its address (replace-node {id} HOST:PORT)"),
+                    ))
+                }
+            };
+            if current.is_some_and(|m| m.voter) {
+                client.remove_node(id).await?;
+                eprintln!("removed voter {id}");
+            }
+            eprintln!(
+                "waiting up to {wait}s for replica {id} at {addr} to start with an empty data directory and catch up"
+            );
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+            let resp = loop {
+                match client.add_node(id, &addr, true).await {
+                    Ok(resp) => break resp,
+                    // Not caught up yet (FAILED_PRECONDITION) or no leader for now: try
+                    // again; any other refusal (a bad address, no permission) is final.
+                    Err(e) if catching_up(&e) && tokio::time::Instant::now() < deadline => {
+                        tracing::debug!(error = %e, "replica not caught up yet");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            eprintln!("replica {id} is a voter again");
+            out.members(&resp.membership);
+            Ok(exit::OK)
+        }
         ClusterCmd::Snapshot(SnapshotCmd::Save { file }) => {
             let backup = client.snapshot().await?;
             backup
@@ -627,9 +677,27 @@ async fn cluster(client: &Client, out: &Output, cmd: ClusterCmd) -> Result<u8, F
     }
 }
 
+/// Whether a failed promotion in `replace-node` is worth another try: the learner has
+/// not caught up yet, or no replica could serve the call for now.
+fn catching_up(e: &ClientError) -> bool {
+    match e {
+        ClientError::Rejected(s) => s.code() == Code::FailedPrecondition,
+        ClientError::Unavailable { .. } => true,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replace_node_retries_only_a_learner_not_caught_up_or_no_leader() {
+        let rejected = |code| ClientError::Rejected(tonic::Status::new(code, "x"));
+        assert!(catching_up(&rejected(Code::FailedPrecondition)));
+        assert!(!catching_up(&rejected(Code::PermissionDenied)));
+        assert!(!catching_up(&rejected(Code::InvalidArgument)));
+    }
 
     fn parse(timeout: &str) -> Result<Cli, clap::Error> {
         let flag = format!("--timeout={timeout}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tonic::{Code, Status};
 
-use super::{seconds, EndpointFailure, LEADER_ADDRESS_KEY};
+use super::{seconds, EndpointFailure, LEADER_ADDRESS_KEY, LEADER_TERM_KEY};
 
 /// Whether another try (on another replica, or after an election) may succeed.
 pub(super) fn retryable(s: &Status) -> bool {
@@ -31,12 +31,22 @@ pub(super) fn leader_hint(metadata: &tonic::metadata::MetadataMap) -> Option<Str
         .map(str::to_string)
 }
 
+/// The term a replica gives with its leader hint, if it gives one (older replicas do not).
+pub(super) fn hint_term(metadata: &tonic::metadata::MetadataMap) -> Option<u64> {
+    metadata
+        .get(LEADER_TERM_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| t.parse().ok())
+}
+
 /// Which replica the next try goes to: the last leader seen or hinted, else the
 /// endpoints in turn. Kept apart from the network so that the rules can be tested.
 #[derive(Debug, Default)]
 pub(super) struct EndpointChoice {
     pub(super) preferred: Option<String>,
     pub(super) rotation: usize,
+    /// The newest term a followed hint carried.
+    pub(super) term: u64,
 }
 
 impl EndpointChoice {
@@ -52,15 +62,36 @@ impl EndpointChoice {
         Some(addr)
     }
 
-    /// Learns from a try at `addr`: its answer (with the leader it was forwarded to, if
-    /// it says) or the retryable error it failed with.
-    pub(super) fn learn(&mut self, addr: &str, outcome: Result<Option<&str>, &Status>) {
+    /// Whether a hint given in `term` may be followed, and if so remembers the term. A
+    /// hint older than one already followed comes from a replica that has not heard of
+    /// the election since: the leader it names was deposed. A hint without a term (an
+    /// older replica) is followed.
+    pub(super) fn current(&mut self, term: Option<u64>) -> bool {
+        match term {
+            Some(t) if t < self.term => false,
+            Some(t) => {
+                self.term = t;
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Learns from a try at `addr`: its answer (with the leader it was forwarded to and
+    /// that hint's term, if it says) or the retryable error it failed with.
+    pub(super) fn learn(
+        &mut self,
+        addr: &str,
+        outcome: Result<Option<(&str, Option<u64>)>, &Status>,
+    ) {
         self.preferred = match outcome {
             // A forwarded answer names the leader: go there directly next time.
-            Ok(Some(leader)) => Some(leader.to_string()),
-            Ok(None) => Some(addr.to_string()),
+            Ok(Some((leader, term))) if self.current(term) => Some(leader.to_string()),
+            Ok(_) => Some(addr.to_string()),
             // A hint naming the replica that just failed would pin us to it.
-            Err(status) => leader_hint(status.metadata()).filter(|h| h != addr),
+            Err(status) => leader_hint(status.metadata())
+                .filter(|h| h != addr)
+                .filter(|_| self.current(hint_term(status.metadata()))),
         };
     }
 }

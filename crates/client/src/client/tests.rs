@@ -77,8 +77,48 @@ fn the_replica_that_answered_is_tried_first_next_time() {
 #[test]
 fn a_forwarded_answer_sends_the_next_call_to_the_leader_it_names() {
     let mut choice = EndpointChoice::default();
-    choice.learn("a:1", Ok(Some("c:3")));
+    choice.learn("a:1", Ok(Some(("c:3", None))));
     assert_eq!(choice.pick(&endpoints()).as_deref(), Some("c:3"));
+}
+
+fn hinting_in(status: Status, leader: &str, term: u64) -> Status {
+    let mut status = hinting(status, leader);
+    if let Ok(v) = term.to_string().parse() {
+        status.metadata_mut().insert(LEADER_TERM_KEY, v);
+    }
+    status
+}
+
+#[test]
+fn a_hint_from_an_older_term_than_one_followed_is_ignored() {
+    let mut choice = EndpointChoice::default();
+    choice.learn(
+        "a:1",
+        Err(&hinting_in(Status::unavailable("not leader"), "b:2", 5)),
+    );
+    assert_eq!(choice.pick(&endpoints()).as_deref(), Some("b:2"));
+    // c:3 restarted and still believes a:1 leads, in term 4: not followed.
+    choice.learn(
+        "c:3",
+        Err(&hinting_in(Status::unavailable("not leader"), "a:1", 4)),
+    );
+    // (back to rotation, as for a failure without a hint)
+    assert_eq!(choice.preferred, None);
+    // Nor in a forwarded answer: the replica that answered is preferred instead.
+    choice.learn("c:3", Ok(Some(("a:1", Some(4)))));
+    assert_eq!(choice.pick(&endpoints()).as_deref(), Some("c:3"));
+    // The same or a newer term is followed, and a hint without a term (an older
+    // replica) too.
+    choice.learn("c:3", Ok(Some(("b:2", Some(5)))));
+    assert_eq!(choice.pick(&endpoints()).as_deref(), Some("b:2"));
+    choice.learn(
+        "b:2",
+        Err(&hinting_in(Status::unavailable("not leader"), "c:3", 6)),
+    );
+    assert_eq!(choice.pick(&endpoints()).as_deref(), Some("c:3"));
+    choice.learn("a:1", Ok(Some(("b:2", None))));
+    assert_eq!(choice.pick(&endpoints()).as_deref(), Some("b:2"));
+    assert_eq!(choice.term, 6);
 }
 
 #[test]

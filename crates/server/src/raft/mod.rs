@@ -9,6 +9,7 @@ pub mod barrier;
 pub mod batcher;
 pub mod error;
 pub mod guard;
+pub mod identity;
 pub mod inbox;
 pub mod integrity;
 pub mod log_store;

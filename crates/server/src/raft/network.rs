@@ -37,6 +37,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+use super::identity::ClusterIdentity;
 use super::{guard, LogId, Node, NodeId, TypeConfig};
 
 pub mod append;
@@ -92,6 +93,7 @@ pub struct GrpcNetwork {
     peers: Peers,
     in_flight: append::InFlights,
     config: NetworkConfig,
+    identity: Option<ClusterIdentity>,
 }
 
 /// The log state of every peer, shared by all clients (openraft makes a new client for
@@ -107,7 +109,15 @@ impl GrpcNetwork {
             peers: Arc::default(),
             in_flight: Arc::default(),
             config,
+            identity: None,
         }
+    }
+
+    /// Sends this replica's cluster id with every message and checks the peers' ids in
+    /// their answers (see [`super::identity`]).
+    pub fn with_identity(mut self, identity: ClusterIdentity) -> Self {
+        self.identity = Some(identity);
+        self
     }
 
     fn channel(&self, target: NodeId, addr: &str) -> Result<Channel, String> {
@@ -145,6 +155,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             peers: self.peers.clone(),
             in_flight: self.in_flight.clone(),
             max_append_bytes: self.config.max_append_bytes,
+            identity: self.identity.clone(),
         }
     }
 }
@@ -161,6 +172,7 @@ pub struct PeerClient {
     peers: Peers,
     in_flight: append::InFlights,
     max_append_bytes: usize,
+    identity: Option<ClusterIdentity>,
 }
 
 /// The ways a call can fail before the peer's Raft answers. Each carries the error for
@@ -248,15 +260,27 @@ impl PeerClient {
         let mut client = RaftServiceClient::new(channel)
             .max_decoding_message_size(MAX_RAFT_MESSAGE)
             .max_encoding_message_size(MAX_RAFT_MESSAGE);
-        let mut request = tonic::Request::new(RaftMessage { payload });
+        let cluster_id = self.identity.as_ref().map(|i| i.wire()).unwrap_or_default();
+        let mut request = tonic::Request::new(RaftMessage {
+            payload,
+            cluster_id,
+        });
         request.set_timeout(timeout);
         let reply = match kind {
             RpcKind::Append => client.append_entries(request).await,
             RpcKind::Vote => client.vote(request).await,
             RpcKind::Snapshot => client.install_snapshot(request).await,
         };
-        let reply = reply.map_err(|status| classify(&status))?;
-        codec::decode::<Result<Resp, E>>(&reply.into_inner().payload).map_err(|e| {
+        let reply = reply.map_err(|status| classify(&status))?.into_inner();
+        if let Some(identity) = &self.identity {
+            // A replica without an id takes its followers' (an upgraded cluster's new
+            // leader); a different one makes the answer a network error to openraft.
+            let may_adopt = matches!(kind, RpcKind::Append);
+            identity
+                .check(self.target, &reply.cluster_id, may_adopt)
+                .map_err(|e| CallError::Network(AnyError::new(&e), e.to_string()))?;
+        }
+        codec::decode::<Result<Resp, E>>(&reply.payload).map_err(|e| {
             CallError::Network(AnyError::new(&e), format!("cannot decode the answer: {e}"))
         })
     }

@@ -3,7 +3,8 @@
 //!
 //! Storage layout under the data directory:
 //! - `raft/`: the sled database of the log store (entries, vote, committed, identity);
-//! - `snapshot/current.snap`: the current snapshot of the state machine.
+//! - `snapshot/current.snap`: the current snapshot of the state machine;
+//! - `cluster-id`: the cluster id and the peers seen with data (`identity`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use openraft::{Config, SnapshotPolicy};
 
 use super::barrier::Barrier;
 use super::batcher::Batcher;
+use super::identity::{self, ClusterIdentity, Decision, IdentityError, InitialClusterState};
 use super::integrity;
 use super::log_store::{Identity, LogStore, OpenError};
 use super::network::{GrpcNetwork, NetworkConfig};
@@ -120,6 +122,12 @@ pub enum StartError {
     /// openraft refused to start.
     #[error("raft: {0}")]
     Raft(String),
+    /// The cluster identity file cannot be used.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// An empty data directory must not start (see `identity::decide`).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// How long a restarted replica stays out of elections unless it hears from a leader
@@ -129,6 +137,29 @@ pub enum StartError {
 /// once, loses it (its log is behind), but its higher term deposes the leader: a
 /// needless election on every restart (openraft 0.9 has no pre-vote).
 pub const RESTART_ELECTION_GRACE: Duration = Duration::from_millis(1000);
+
+/// The leader replica `me` reports (Status, health, hints, forwarding): another
+/// replica as openraft knows it (a follower learns of a leader only from its
+/// AppendEntries, which a quorum's votes made leader), but itself only once a quorum
+/// acknowledged it in its current term. openraft makes a restarted leader whose vote was
+/// committed leader again at once, at its old term, before anyone answered it; without
+/// this it reports LEADER for the moments until a higher term deposes it.
+pub fn reported_leader(m: &RaftMetrics, me: NodeId) -> Option<NodeId> {
+    match m.current_leader {
+        Some(id) if id == me => {
+            let confirmed =
+                m.state == openraft::ServerState::Leader && m.millis_since_quorum_ack.is_some();
+            confirmed.then_some(id)
+        }
+        other => other,
+    }
+}
+
+/// How long `add_node` waits for a learner to catch up before promoting it.
+pub const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
+
+/// How long an empty data directory waits for each peer's `Identify` answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// What a replica needs to start.
 #[derive(Clone, Debug)]
@@ -141,6 +172,8 @@ pub struct ReplicaOptions {
     pub cluster: String,
     /// Members of a new cluster; used only if the data directory is new.
     pub initial_cluster: BTreeMap<NodeId, String>,
+    /// Whether an empty data directory may bootstrap (see `identity::decide`).
+    pub initial_cluster_state: InitialClusterState,
     /// Raft timing.
     pub raft: RaftSettings,
     /// State-machine limits for a new cluster.
@@ -160,6 +193,8 @@ pub struct Replica {
     pub raft: Raft,
     /// The applied state, for reads.
     pub state: SharedState,
+    /// The cluster id and the peers seen with data.
+    pub identity: ClusterIdentity,
     log: LogStore,
     batcher: Batcher,
     barrier: Barrier,
@@ -197,6 +232,7 @@ impl Replica {
     /// bootstraps the cluster if this replica is the lowest id of `initial_cluster`;
     /// a directory with data never re-initialises.
     pub async fn start(opts: ReplicaOptions) -> Result<Replica, StartError> {
+        let identity = ClusterIdentity::load(&opts.data_dir)?;
         let network = GrpcNetwork::new(
             opts.id,
             NetworkConfig {
@@ -204,8 +240,9 @@ impl Replica {
                 tls: opts.peer_tls.clone(),
                 ..NetworkConfig::default()
             },
-        );
-        Self::start_with_network(opts, network).await
+        )
+        .with_identity(identity.clone());
+        Self::start_inner(opts, network, identity, true).await
     }
 
     /// As [`Replica::start`], with any network (the raft tests use an in-process one).
@@ -216,17 +253,36 @@ impl Replica {
     where
         N: openraft::RaftNetworkFactory<TypeConfig>,
     {
+        let identity = ClusterIdentity::load(&opts.data_dir)?;
+        Self::start_inner(opts, network, identity, false).await
+    }
+
+    /// Starts the replica; `probe`: ask the peers of `initial_cluster` before an empty
+    /// data directory bootstraps (over gRPC; the in-process raft tests cannot).
+    async fn start_inner<N>(
+        opts: ReplicaOptions,
+        network: N,
+        identity: ClusterIdentity,
+        probe: bool,
+    ) -> Result<Replica, StartError>
+    where
+        N: openraft::RaftNetworkFactory<TypeConfig>,
+    {
         let config = opts
             .raft
             .to_openraft(&opts.cluster, opts.id)
             .map_err(StartError::Settings)?;
-        let identity = Identity {
+        let directory = Identity {
             cluster: opts.cluster.clone(),
             node_id: opts.id,
         };
         let (mut log, sm, _) =
-            open_storage(&opts.data_dir, &identity, opts.state_config.clone()).await?;
+            open_storage(&opts.data_dir, &directory, opts.state_config.clone()).await?;
         let pristine = log.is_pristine().await? && sm.shared().read().last_applied.is_none();
+        let decision = match pristine && identity.id().is_none() {
+            true => Some(Self::decide_empty_start(&opts, probe).await?),
+            false => None,
+        };
         let state = sm.shared();
         let raft = Raft::new(opts.id, Arc::new(config), network, log.clone(), sm)
             .await
@@ -237,12 +293,21 @@ impl Replica {
             id: opts.id,
             raft,
             state,
+            identity: identity.clone(),
             log,
             batcher,
             barrier,
         };
-        let bootstrapper = opts.initial_cluster.keys().next() == Some(&opts.id);
-        if pristine && bootstrapper {
+        if identity.id().is_none() {
+            identity::draw_when_leading(
+                replica.raft.clone(),
+                identity.clone(),
+                opts.id,
+                Duration::from_millis(opts.raft.heartbeat_ms),
+            );
+        }
+        if decision == Some(Decision::Bootstrap) {
+            let cluster_id = identity.draw()?;
             let members: BTreeMap<NodeId, Node> = opts
                 .initial_cluster
                 .iter()
@@ -250,13 +315,15 @@ impl Replica {
                 .collect();
             match replica.raft.initialize(members).await {
                 Ok(()) => {
-                    tracing::info!(members = ?opts.initial_cluster, "initialised a new cluster")
+                    tracing::info!(members = ?opts.initial_cluster, %cluster_id, "initialised a new cluster")
                 }
                 Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
                     tracing::info!("cluster already initialised")
                 }
                 Err(e) => return Err(StartError::Raft(e.to_string())),
             }
+        } else if let Some(Decision::Wait(why)) = decision {
+            tracing::info!("new data directory: {why}");
         } else if pristine {
             tracing::info!("new data directory: waiting for the cluster to contact this replica");
         } else {
@@ -264,6 +331,45 @@ impl Replica {
             replica.hold_elections_after_restart(RESTART_ELECTION_GRACE);
         }
         Ok(replica)
+    }
+
+    /// What an empty data directory does: bootstrap, wait, or refuse (an error).
+    async fn decide_empty_start(
+        opts: &ReplicaOptions,
+        probe: bool,
+    ) -> Result<Decision, StartError> {
+        let mut peers = opts.initial_cluster.clone();
+        peers.extend(opts.peer_addresses.clone());
+        let answers = match probe {
+            true => identity::probe(opts.id, &peers, opts.peer_tls.as_ref(), PROBE_TIMEOUT).await,
+            false => Vec::new(),
+        };
+        let address = opts
+            .initial_cluster
+            .get(&opts.id)
+            .map_or("ADDR", String::as_str);
+        for a in &answers {
+            tracing::info!(
+                peer = a.node_id,
+                cluster_id = %a.cluster_id,
+                has_data = a.has_data,
+                voters = ?a.voters,
+                learners = ?a.learners,
+                seen_with_data = ?a.seen_with_data,
+                "a peer's view of the cluster"
+            );
+        }
+        let bootstrapper = opts.initial_cluster.keys().next() == Some(&opts.id);
+        match identity::decide(
+            opts.id,
+            address,
+            opts.initial_cluster_state,
+            bootstrapper,
+            &answers,
+        ) {
+            Decision::Refuse(why) => Err(StartError::Refused(why)),
+            other => Ok(other),
+        }
     }
 
     /// Keeps this replica from starting an election until it has heard from a leader or
@@ -315,17 +421,25 @@ impl Replica {
     }
 
     /// Adds a replica as a learner and, if `promote`, makes it a voter once it caught up.
+    /// Not caught up within [`CATCH_UP_WAIT`]: refused (it stays a learner; call again).
     pub async fn add_node(
         &self,
         id: NodeId,
         addr: String,
         promote: bool,
     ) -> Result<(), WriteError> {
-        self.raft
-            .add_learner(id, Node { addr }, true)
+        // Not openraft's blocking add: it counts a learner within
+        // `replication_lag_threshold` (5000 entries) of the leader as caught up, even one
+        // that never answered, so a small cluster would promote an empty, unstarted
+        // replica at once (a voter without the log: what replace-node must avoid).
+        let added = self
+            .raft
+            .add_learner(id, Node { addr }, false)
             .await
             .map_err(write_error)?;
         if promote {
+            self.wait_caught_up(id, added.log_id.index, CATCH_UP_WAIT)
+                .await?;
             let mut voters: std::collections::BTreeSet<NodeId> = self
                 .metrics()
                 .membership_config
@@ -339,6 +453,44 @@ impl Replica {
                 .map_err(write_error)?;
         }
         Ok(())
+    }
+
+    /// Waits until this leader has replicated to `id` everything up to `index` (the
+    /// entry that added it: the whole log as of then), at most `wait`.
+    async fn wait_caught_up(
+        &self,
+        id: NodeId,
+        index: u64,
+        wait: Duration,
+    ) -> Result<(), WriteError> {
+        let mut metrics = self.raft.metrics();
+        let mut matched = None;
+        let waited = tokio::time::timeout(wait, async {
+            loop {
+                {
+                    let m = metrics.borrow_and_update();
+                    let Some(replication) = &m.replication else {
+                        return Err(WriteError::NotLeader { leader: None });
+                    };
+                    matched = replication.get(&id).cloned().flatten().map(|l| l.index);
+                    if matched.is_some_and(|i| i >= index) {
+                        return Ok(());
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return Err(WriteError::Fatal("the Raft core stopped".into()));
+                }
+            }
+        })
+        .await;
+        match waited {
+            Ok(result) => result,
+            Err(_) => Err(WriteError::Membership(format!(
+                "replica {id} is a learner but has not caught up yet (it has {} of {index} entries after {}s): is it running and reachable? Call again to promote it",
+                matched.map_or("none".to_string(), |i| i.to_string()),
+                wait.as_secs()
+            ))),
+        }
     }
 
     /// Removes a replica from the cluster: a voter through joint consensus (removed
@@ -374,17 +526,24 @@ impl Replica {
         self.raft.metrics().borrow().clone()
     }
 
-    /// The leader's id and address, if known.
+    /// The leader's id and address, if known; this replica only once a quorum confirmed
+    /// it in its current term ([`reported_leader`]).
     pub fn leader(&self) -> Option<(NodeId, String)> {
+        self.leader_in_term().map(|(id, addr, _)| (id, addr))
+    }
+
+    /// As [`Replica::leader`], with the term in which this replica knows it (from the
+    /// same metrics, so the two belong together).
+    pub fn leader_in_term(&self) -> Option<(NodeId, String, u64)> {
         let m = self.metrics();
-        let id = m.current_leader?;
+        let id = reported_leader(&m, self.id)?;
         let addr = m
             .membership_config
             .membership()
             .get_node(&id)
             .map(|n| n.addr.clone())
             .unwrap_or_default();
-        Some((id, addr))
+        Some((id, addr, m.current_term))
     }
 
     /// Size of the Raft log database on disk.

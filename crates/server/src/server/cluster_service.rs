@@ -142,7 +142,10 @@ impl ClusterServer {
         // from before a long computation.
         let m = self.replica.metrics();
         let applied = applied.or(m.last_applied.map(|l| l.index));
+        let leader = crate::raft::replica::reported_leader(&m, self.replica.id);
         let role = match m.state {
+            // Not confirmed by a quorum in its term yet: still campaigning, in effect.
+            ServerState::Leader if leader != Some(self.replica.id) => ReplicaRole::Candidate,
             ServerState::Leader => ReplicaRole::Leader,
             ServerState::Follower => ReplicaRole::Follower,
             ServerState::Candidate => ReplicaRole::Candidate,
@@ -161,7 +164,7 @@ impl ClusterServer {
             term: m.current_term,
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: applied.unwrap_or(0),
-            leader_id: m.current_leader.unwrap_or(0),
+            leader_id: leader.unwrap_or(0),
             state_digest: digest,
             reachable: true,
             // Each replica reports its own pid; peers' pids arrive through their local

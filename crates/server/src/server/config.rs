@@ -13,6 +13,7 @@ use serde::Deserialize;
 use dispatcher_core::state::ResourceLimits;
 
 use crate::leader::LivenessSettings;
+pub use crate::raft::identity::InitialClusterState;
 use crate::raft::replica::RaftSettings;
 use crate::raft::NodeId;
 pub use crate::tls::TlsFiles;
@@ -84,6 +85,11 @@ pub struct Args {
     /// the data directory is new; a replica with data never re-initialises.
     #[arg(long, env = "DISPATCHER_INITIAL_CLUSTER")]
     pub initial_cluster: Option<String>,
+    /// `new` (default): an empty data directory may bootstrap the cluster (only the
+    /// lowest id of --initial-cluster, and only if no peer answers with an existing
+    /// cluster). `existing`: never bootstrap; wait to be added. See docs/operations.md.
+    #[arg(long, env = "DISPATCHER_INITIAL_CLUSTER_STATE", value_enum)]
+    pub initial_cluster_state: Option<InitialClusterState>,
     /// Cluster name, recorded in the data directory; a directory of another cluster is
     /// refused.
     #[arg(long, env = "DISPATCHER_CLUSTER_NAME")]
@@ -185,6 +191,7 @@ struct FileConfig {
     advertise: Option<String>,
     data_dir: Option<PathBuf>,
     initial_cluster: Option<String>,
+    initial_cluster_state: Option<InitialClusterState>,
     cluster_name: Option<String>,
     heartbeat_ms: Option<u64>,
     election_timeout_min_ms: Option<u64>,
@@ -222,6 +229,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Members of a new cluster.
     pub initial_cluster: BTreeMap<NodeId, String>,
+    /// Whether an empty data directory may bootstrap.
+    pub initial_cluster_state: InitialClusterState,
     /// Cluster name.
     pub cluster_name: String,
     /// Raft timing and snapshots.
@@ -380,6 +389,10 @@ impl Args {
             advertise,
             data_dir,
             initial_cluster,
+            initial_cluster_state: self
+                .initial_cluster_state
+                .or(file.initial_cluster_state)
+                .unwrap_or_default(),
             cluster_name: self
                 .cluster_name
                 .or(file.cluster_name)

@@ -31,7 +31,7 @@ use tracing::Instrument as _;
 use super::auth::Authenticator;
 pub use super::auth::{Access, Caller};
 use super::forward::{self, Forwarder, Route};
-use super::status::{ApiError, LEADER_ADDRESS_KEY};
+use super::status::{stamp_hint_term, ApiError, LEADER_ADDRESS_KEY};
 use crate::raft::error::WriteError;
 use crate::raft::replica::Replica;
 use crate::raft::NodeId;
@@ -206,6 +206,7 @@ edge_request! {
     ListTokensRequest;
     RevokeTokenRequest;
     RaftMessage;
+    IdentifyRequest;
 }
 
 /// The replica and the means to reach its leader, shared by the services.
@@ -238,7 +239,7 @@ impl Edge {
         LF: Future<Output = Result<Resp, ApiError>>,
     {
         let span = span(rpc, &request);
-        async move {
+        let mut answer = async move {
             let deadline = Deadline::of(&request);
             let consistency = rpc.consistency.for_request(request.get_ref().stale());
             let authenticate = |forwardable: bool| {
@@ -309,7 +310,16 @@ impl Edge {
                 .await
         }
         .instrument(span)
-        .await
+        .await;
+        // Any answer naming a leader says in which term (clients ignore older ones).
+        let metadata = match &mut answer {
+            Ok(resp) => resp.metadata_mut(),
+            Err(status) => status.metadata_mut(),
+        };
+        if metadata.contains_key(LEADER_ADDRESS_KEY) {
+            stamp_hint_term(metadata, self.replica.leader_in_term());
+        }
+        answer
     }
 
     /// Serves the request at the leader if this replica does not lead: returns the

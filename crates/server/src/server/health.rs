@@ -30,6 +30,8 @@ pub enum Health {
 }
 
 /// This replica's health from its Raft metrics.
+/// This replica leading counts only once a quorum confirmed it in its term
+/// (`replica::reported_leader`).
 pub fn of(m: &RaftMetrics) -> Health {
     if let Err(fatal) = &m.running_state {
         return Health::Dead(fatal.to_string());
@@ -37,7 +39,7 @@ pub fn of(m: &RaftMetrics) -> Health {
     if m.state == ServerState::Shutdown {
         return Health::Dead("the Raft core stopped".into());
     }
-    match m.current_leader {
+    match crate::raft::replica::reported_leader(m, m.id) {
         Some(_) => Health::Serving,
         None => Health::NoLeader,
     }
@@ -104,6 +106,13 @@ mod tests {
         assert_eq!(of(&m), Health::Serving);
         m.state = ServerState::Shutdown;
         assert!(matches!(of(&m), Health::Dead(_)));
+        // A restarted leader at its old term, before any quorum answered it.
+        m.state = ServerState::Leader;
+        m.current_leader = Some(1);
+        assert_eq!(of(&m), Health::NoLeader);
+        m.millis_since_quorum_ack = Some(0);
+        assert_eq!(of(&m), Health::Serving);
+        m.millis_since_quorum_ack = None;
         m.state = ServerState::Follower;
         m.running_state = Err(Fatal::Panicked);
         assert!(matches!(of(&m), Health::Dead(cause) if cause.contains("panic")));

@@ -122,6 +122,7 @@ pub async fn serve(
         data_dir: config.data_dir.clone(),
         cluster: config.cluster_name.clone(),
         initial_cluster: config.initial_cluster.clone(),
+        initial_cluster_state: config.initial_cluster_state,
         raft: config.raft.clone(),
         state_config: ClusterConfig::default(),
         peer_addresses: config.peer_addresses.clone(),

@@ -7,6 +7,11 @@
 //! malformed. Served here, never forwarded; like every service it passes through the
 //! edge.
 //!
+//! Every message carries the sender's cluster id, checked (and, from a leader,
+//! adopted by a replica without one) by `crate::raft::identity`: a replica of another
+//! cluster is refused with FAILED_PRECONDITION. `Identify` tells a replica starting
+//! with an empty data directory what this one knows of the cluster.
+//!
 //! Each handler decodes, then names the sender (`guard::sender`: the node id of
 //! the message's vote) before handing over; that is where an authenticated peer's
 //! identity is compared with the replica the message claims to come from.
@@ -22,7 +27,7 @@ use crate::raft::TypeConfig;
 use dispatcher_core::codec;
 use dispatcher_proto::v1::raft_service_client::RaftServiceClient;
 use dispatcher_proto::v1::raft_service_server::RaftService;
-use dispatcher_proto::v1::RaftMessage;
+use dispatcher_proto::v1::{IdentifyRequest, IdentifyResponse, RaftMessage};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 
 /// Serves the Raft RPCs of one replica.
@@ -36,6 +41,7 @@ edge_service! {
         rpc append_entries(RaftMessage) -> RaftMessage: Local, Peer => append_entries(caller);
         rpc vote(RaftMessage) -> RaftMessage: Local, Peer => vote(caller);
         rpc install_snapshot(RaftMessage) -> RaftMessage: Local, Peer => install_snapshot(caller);
+        rpc identify(IdentifyRequest) -> IdentifyResponse: Local, Peer => identify(caller);
     }
 }
 
@@ -43,9 +49,12 @@ fn decode<T: DeserializeOwned>(message: RaftMessage) -> Result<T, ApiError> {
     codec::decode(&message.payload).map_err(|e| ApiError::invalid("payload", e))
 }
 
-fn reply<T: Serialize>(value: &T) -> Result<RaftMessage, ApiError> {
+fn reply<T: Serialize>(value: &T, cluster_id: String) -> Result<RaftMessage, ApiError> {
     let payload = codec::encode(value).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(RaftMessage { payload })
+    Ok(RaftMessage {
+        payload,
+        cluster_id,
+    })
 }
 
 impl RaftServer {
@@ -55,31 +64,90 @@ impl RaftServer {
         RaftServer { edge, inbox }
     }
 
+    /// Checks the cluster id a peer's message carries (`crate::raft::identity`); a
+    /// leader's AppendEntries or InstallSnapshot hands a replica without one its id.
+    fn check_cluster(
+        &self,
+        sender: crate::raft::NodeId,
+        cluster_id: &str,
+        from_leader: bool,
+    ) -> Result<(), ApiError> {
+        self.edge
+            .replica
+            .identity
+            .check(sender, cluster_id, from_leader)
+            .map_err(|e| ApiError::FailedPrecondition(e.to_string()))
+    }
+
+    fn ours(&self) -> String {
+        self.edge.replica.identity.wire()
+    }
+
+    /// What this replica knows of the cluster, for a replica starting with an empty
+    /// data directory.
+    async fn identify(
+        &self,
+        caller: Caller,
+        req: IdentifyRequest,
+    ) -> Result<IdentifyResponse, ApiError> {
+        caller.check_peer(req.node_id)?;
+        let replica = &self.edge.replica;
+        let metrics = replica.metrics();
+        let membership = metrics.membership_config.membership();
+        // The latest config: during a joint change, the one it moves to.
+        let voters: Vec<u64> = membership
+            .get_joint_config()
+            .last()
+            .map(|c| c.iter().copied().collect())
+            .unwrap_or_default();
+        let learners: Vec<u64> = membership.learner_ids().collect();
+        let has_data =
+            metrics.last_log_index.is_some() || metrics.snapshot.is_some() || !voters.is_empty();
+        Ok(IdentifyResponse {
+            node_id: replica.id,
+            cluster_id: replica.identity.wire(),
+            has_data,
+            voters,
+            learners,
+            seen_with_data: replica.identity.seen_with_data(),
+        })
+    }
+
     // The sender's certificate is checked first (it must name the member the message
     // claims to come from); then the guard checks the content against this replica's view.
     async fn append_entries(
         &self,
         caller: Caller,
-        message: RaftMessage,
+        mut message: RaftMessage,
     ) -> Result<RaftMessage, ApiError> {
+        let cluster_id = std::mem::take(&mut message.cluster_id);
         let rpc: AppendEntriesRequest<TypeConfig> = decode(message)?;
         caller.check_peer(sender(&rpc))?;
-        reply(&self.inbox.append_entries(rpc).await?)
+        self.check_cluster(sender(&rpc), &cluster_id, true)?;
+        reply(&self.inbox.append_entries(rpc).await?, self.ours())
     }
 
-    async fn vote(&self, caller: Caller, message: RaftMessage) -> Result<RaftMessage, ApiError> {
+    async fn vote(
+        &self,
+        caller: Caller,
+        mut message: RaftMessage,
+    ) -> Result<RaftMessage, ApiError> {
+        let cluster_id = std::mem::take(&mut message.cluster_id);
         let rpc: VoteRequest<crate::raft::NodeId> = decode(message)?;
         caller.check_peer(sender(&rpc))?;
-        reply(&self.inbox.vote(rpc).await?)
+        self.check_cluster(sender(&rpc), &cluster_id, false)?;
+        reply(&self.inbox.vote(rpc).await?, self.ours())
     }
 
     async fn install_snapshot(
         &self,
         caller: Caller,
-        message: RaftMessage,
+        mut message: RaftMessage,
     ) -> Result<RaftMessage, ApiError> {
+        let cluster_id = std::mem::take(&mut message.cluster_id);
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(message)?;
         caller.check_peer(sender(&rpc))?;
-        reply(&self.inbox.install_snapshot(rpc).await?)
+        self.check_cluster(sender(&rpc), &cluster_id, true)?;
+        reply(&self.inbox.install_snapshot(rpc).await?, self.ours())
     }
 }

@@ -5,7 +5,8 @@
 //! leader it forwards to become UNAVAILABLE with the leader's address in the
 //! `x-dispatcher-leader` metadata (and its id in `x-dispatcher-leader-id`), which the
 //! client library follows; a passed deadline is DEADLINE_EXCEEDED; rejections map to the
-//! codes the proto documents.
+//! codes the proto documents. The edge then adds the hint's term
+//! (`x-dispatcher-leader-term`, [`stamp_hint_term`]) to every answer that names a leader.
 
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
@@ -16,7 +17,34 @@ use crate::raft::NodeId;
 use dispatcher_core::state::Rejection;
 pub use dispatcher_proto::headers::{
     LEADER_ADDRESS as LEADER_ADDRESS_KEY, LEADER_ID as LEADER_ID_KEY,
+    LEADER_TERM as LEADER_TERM_KEY,
 };
+
+/// Adds the term to the leader hint in `metadata`, if it names `known`'s leader (the
+/// leader this replica knows now, and the term it knows it in). A hint naming another
+/// replica (the leader changed since the hint was made) goes without a term rather than
+/// with one it does not belong to; one that already has a term (a leader's own answer,
+/// passed through by a forward) keeps it.
+pub fn stamp_hint_term(
+    metadata: &mut tonic::metadata::MetadataMap,
+    known: Option<(NodeId, String, u64)>,
+) {
+    if metadata.contains_key(LEADER_TERM_KEY) {
+        return;
+    }
+    let hinted = metadata
+        .get(LEADER_ADDRESS_KEY)
+        .and_then(|v| v.to_str().ok());
+    let Some((_, addr, term)) = known else {
+        return;
+    };
+    if hinted != Some(addr.as_str()) {
+        return;
+    }
+    if let Ok(v) = MetadataValue::try_from(term.to_string().as_str()) {
+        metadata.insert(LEADER_TERM_KEY, v);
+    }
+}
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
@@ -32,6 +60,7 @@ impl From<ApiError> for Status {
             ApiError::Unauthenticated(m) => Status::unauthenticated(m),
             ApiError::PermissionDenied(m) => Status::permission_denied(m),
             ApiError::ResourceExhausted(m) => Status::resource_exhausted(m),
+            ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
             ApiError::Internal(m) => Status::internal(m),
         }
     }
@@ -141,6 +170,35 @@ mod tests {
         assert_eq!(s.code(), Code::Unavailable);
         assert!(s.metadata().get(LEADER_ADDRESS_KEY).is_none());
         assert!(s.metadata().get(LEADER_ID_KEY).is_none());
+    }
+
+    #[test]
+    fn a_hint_gets_the_term_only_when_it_names_the_leader_known_now() {
+        let term = |s: &Status| {
+            s.metadata()
+                .get(LEADER_TERM_KEY)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let hinted = || {
+            Status::from(ApiError::Write(WriteError::NotLeader {
+                leader: Some((2, "127.0.0.1:7002".into())),
+            }))
+        };
+        let mut s = hinted();
+        stamp_hint_term(s.metadata_mut(), Some((2, "127.0.0.1:7002".into(), 7)));
+        assert_eq!(term(&s).as_deref(), Some("7"));
+        // The leader changed between the hint and the stamp: no term to vouch for it.
+        let mut s = hinted();
+        stamp_hint_term(s.metadata_mut(), Some((3, "127.0.0.1:7003".into(), 8)));
+        assert_eq!(term(&s), None);
+        let mut s = hinted();
+        stamp_hint_term(s.metadata_mut(), None);
+        assert_eq!(term(&s), None);
+        // No hint, no term.
+        let mut s = Status::unavailable("no leader");
+        stamp_hint_term(s.metadata_mut(), Some((2, "127.0.0.1:7002".into(), 7)));
+        assert_eq!(term(&s), None);
     }
 
     #[test]
