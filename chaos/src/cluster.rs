@@ -447,6 +447,11 @@ impl Cluster {
         if let Some(i) = p.args.iter().position(|a| a == "--initial-cluster") {
             p.args.drain(i..i + 2);
         }
+        // As docs/operations.md says to start a replacement.
+        if !p.args.iter().any(|a| a == "--initial-cluster-state") {
+            p.args
+                .extend(["--initial-cluster-state".into(), "existing".into()]);
+        }
         p.spawn(&bin_dir().join("dispatcher"))
     }
 

@@ -326,9 +326,27 @@ pub async fn churn(c: &mut Cluster, client: &dispatcher_client::Client, id: u64)
         return format!("restart {id}: {e}");
     }
     let addr = c.addrs[&id].clone();
-    match client.add_node(id, &addr, true).await {
-        Ok(_) => format!("replica {id} removed, wiped and added back"),
-        Err(e) => format!("replica {id} removed; add back failed: {e}"),
+    // A learner is promoted only once caught up (FAILED_PRECONDITION until then), as
+    // `dispatchctl cluster replace-node` retries.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match client.add_node(id, &addr, true).await {
+            Ok(_) => return format!("replica {id} removed, wiped and added back"),
+            Err(e) if std::time::Instant::now() < deadline && not_yet(&e) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return format!("replica {id} removed; add back failed: {e}"),
+        }
+    }
+}
+
+/// Whether a promotion is worth another try: the learner has not caught up yet, or no
+/// replica could serve the call for now.
+fn not_yet(e: &dispatcher_client::ClientError) -> bool {
+    match e {
+        dispatcher_client::ClientError::Rejected(s) => s.code() == tonic::Code::FailedPrecondition,
+        dispatcher_client::ClientError::Unavailable { .. } => true,
+        _ => false,
     }
 }
 
