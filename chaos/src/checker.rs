@@ -54,6 +54,8 @@ pub struct Report {
     /// Replicas that served, after one of their files was corrupted, a state whose
     /// digest differs from another replica's at the same applied index.
     pub served_wrong_digest: usize,
+    /// Wiped voters restarted with their old id that started instead of refusing.
+    pub wiped_not_refused: usize,
     /// Share of operations acknowledged.
     pub ok_share: f64,
     /// Share of operations answered (acknowledged or definitely refused, e.g. a cancel
@@ -88,6 +90,7 @@ impl Report {
             && self.digest_mismatches == 0
             && self.stuck_jobs == 0
             && self.served_wrong_digest == 0
+            && self.wiped_not_refused == 0
             && self.elections_with_healthy_leader == 0
             && self.not_serving_after_heal == 0
             && self.max_rss_mib <= RSS_BOUND_MIB

@@ -388,6 +388,14 @@ impl Cluster {
         }
     }
 
+    /// Where replica `id` logs.
+    pub fn replica_log(&self, id: u64) -> PathBuf {
+        self.replicas.get(&id).map_or_else(
+            || self.dir.join(format!("replica-{id}.log")),
+            |p| p.log.clone(),
+        )
+    }
+
     /// Whether replica `id` runs (one that exited by itself is reaped).
     pub fn replica_running(&mut self, id: u64) -> bool {
         self.replicas.get_mut(&id).is_some_and(Proc::running)

@@ -199,6 +199,44 @@ impl Held {
     }
 }
 
+/// Restarts a wiped voter with its old id and flags: it must exit within 20 s, naming
+/// `replace-node` in its log; then it is replaced as docs/operations.md says.
+async fn wipe_aftermath(
+    c: &mut Cluster,
+    client: &Client,
+    id: u64,
+    report: &mut checker::Report,
+) -> String {
+    let log_before = std::fs::metadata(c.replica_log(id)).map_or(0, |m| m.len());
+    if let Err(e) = c.start_replica(id) {
+        return format!("restart failed: {e}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.replica_running(id) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if c.replica_running(id) {
+        report.wiped_not_refused += 1;
+        report.violation(format!(
+            "replica {id}, wiped and restarted with its old id, was still running after 20 s"
+        ));
+        c.kill_replica(id);
+    }
+    let said = std::fs::read(c.replica_log(id))
+        .map(|b| String::from_utf8_lossy(b.get(log_before as usize..).unwrap_or(&[])).into_owned())
+        .unwrap_or_default();
+    let named = said.contains("replace-node");
+    let how = nemesis::churn(c, client, id).await;
+    format!(
+        "refused to start{}; {how}",
+        if named {
+            ", naming replace-node"
+        } else {
+            " (without naming replace-node)"
+        }
+    )
+}
+
 /// Restarts a replica whose file was corrupted and watches it for up to 20 s: it must
 /// either refuse to start (then it is replaced as docs/operations.md says: removed,
 /// wiped, added back) or serve the state the others have at the same applied index.
@@ -372,6 +410,11 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
         if kind == Kind::Churn {
             let id: u64 = target.parse().unwrap_or(1);
             target = nemesis::churn(&mut c, &client, id).await;
+        }
+        if kind == Kind::WipeReplace {
+            let id: u64 = target.parse().unwrap_or(1);
+            let after = wipe_aftermath(&mut c, &client, id, &mut report).await;
+            target = format!("{target}; {after}");
         }
         if kind == Kind::CorruptFollower {
             let id: u64 = target
@@ -553,13 +596,13 @@ async fn run(args: RunArgs) -> anyhow::Result<checker::Report> {
         .collect();
     std::fs::write(out.join("history.jsonl"), lines.join("\n"))?;
     println!(
-        "chaos: seed {} {}: {} operations ({:.1}% acknowledged, {:.1}% answered), {} faults {:?}; {} acknowledged submissions, {} unknown, lost {}, duplicated {}, read violations {}, double-booked slots {}, attempts on two TaskManagers {}, digest mismatches {}, served a wrong digest {}, stuck jobs {}; longest window without an acknowledged write {} ms",
+        "chaos: seed {} {}: {} operations ({:.1}% acknowledged, {:.1}% answered), {} faults {:?}; {} acknowledged submissions, {} unknown, lost {}, duplicated {}, read violations {}, double-booked slots {}, attempts on two TaskManagers {}, digest mismatches {}, served a wrong digest {}, wiped voters not refused {}, stuck jobs {}; longest window without an acknowledged write {} ms",
         args.seed,
         if report.passed() { "PASSED" } else { "FAILED" },
         report.operations, report.ok_share * 100.0, report.answered_share * 100.0, faults.len(), counts,
         report.acknowledged_submissions, report.unknown_submissions, report.lost, report.duplicated,
         report.read_violations, report.double_booked_slots, report.attempts_on_two_task_managers,
-        report.digest_mismatches, report.served_wrong_digest, report.stuck_jobs, report.longest_write_gap_ms,
+        report.digest_mismatches, report.served_wrong_digest, report.wiped_not_refused, report.stuck_jobs, report.longest_write_gap_ms,
     );
     println!(
         "chaos: seed {}: {} elections, {} with the leader able to lead ({} such faults found no settled cluster); {} replicas not SERVING after the heal; largest replica RSS {} MiB",

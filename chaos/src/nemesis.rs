@@ -57,11 +57,15 @@ pub enum Kind {
     /// data file or a blob), restart: it must refuse to start (and is then replaced as
     /// the docs say) or come back with the right state, never serve a wrong one.
     CorruptFollower,
+    /// kill -9 of a follower, its data directory wiped, restarted with its old id and
+    /// flags: it must refuse to start (exit 1, naming `replace-node`), and is then
+    /// replaced as docs/operations.md says.
+    WipeReplace,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 19] = [
+    pub const ALL: [Kind; 20] = [
         Kind::KillLeader,
         Kind::KillReplica,
         Kind::PauseLeader,
@@ -81,6 +85,7 @@ impl Kind {
         Kind::ConnectionFlood,
         Kind::DiskFull,
         Kind::CorruptFollower,
+        Kind::WipeReplace,
     ];
 
     /// Faults that leave the leader able to lead: an election while one is held is a
@@ -117,7 +122,7 @@ impl Kind {
                     Kind::ConnectionFlood,
                 ],
                 "disk" => &[Kind::DiskFull],
-                "corrupt" => &[Kind::CorruptFollower],
+                "corrupt" => &[Kind::CorruptFollower, Kind::WipeReplace],
                 other => {
                     let k = Kind::ALL
                         .iter()
@@ -296,6 +301,17 @@ pub fn inject(
             Some((id, mib)) => format!("{id}: disk filled with {mib} MiB"),
             None => "skipped: no tmpfs could be mounted (needs root)".into(),
         },
+        Kind::WipeReplace => {
+            let followers: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|id| Some(*id) != leader)
+                .collect();
+            let victim = *followers.choose(rng).unwrap_or(&random);
+            c.kill_replica(victim);
+            c.wipe_replica(victim)?;
+            victim.to_string()
+        }
         Kind::CorruptFollower => {
             let followers: Vec<u64> = ids
                 .iter()
