@@ -138,12 +138,13 @@ async fn a_wiped_follower_is_refused_and_replace_node_brings_it_back() {
     replace(&mut c, follower, &client).await;
     submit(&client, "after", 3).await;
     c.converged(&client, T, "after new writes").await;
+    assert_one_cluster_id(&c, &id);
+}
+
+/// Every replica still holds the cluster id `id`.
+fn assert_one_cluster_id(c: &ProcCluster, id: &str) {
     for r in 1..=3 {
-        assert_eq!(
-            cluster_id(&c, r),
-            id,
-            "replica {r} keeps the one cluster id"
-        );
+        assert_eq!(cluster_id(c, r), id, "replica {r} keeps the one cluster id");
     }
 }
 
@@ -162,13 +163,7 @@ async fn a_wiped_bootstrapper_never_starts_a_second_cluster() {
     assert_eq!(cluster_id(&c, 2), id);
     assert_eq!(cluster_id(&c, 3), id);
     replace(&mut c, 1, &client).await;
-    for r in 1..=3 {
-        assert_eq!(
-            cluster_id(&c, r),
-            id,
-            "replica {r} keeps the one cluster id"
-        );
-    }
+    assert_one_cluster_id(&c, &id);
 }
 
 /// A replica started on another cluster's data directory (same cluster name, same id)

@@ -179,6 +179,16 @@ pub fn draw(rng: &mut StdRng, kinds: &[Kind]) -> Kind {
     *kinds.choose(rng).unwrap_or(&Kind::KillReplica)
 }
 
+/// A replica other than `leader`, drawn from the seed.
+fn follower(ids: &[u64], leader: Option<u64>, rng: &mut StdRng) -> Option<u64> {
+    let followers: Vec<u64> = ids
+        .iter()
+        .copied()
+        .filter(|id| Some(*id) != leader)
+        .collect();
+    followers.choose(rng).copied()
+}
+
 /// Applies a fault of `kind`; returns what it did. `leader` is the current leader, if
 /// known.
 pub fn inject(
@@ -273,12 +283,7 @@ pub fn inject(
         Kind::Churn => random.to_string(),
         Kind::BigEntries => {
             // A follower: the point is the catch-up, with the leader left to serve.
-            let followers: Vec<u64> = ids
-                .iter()
-                .copied()
-                .filter(|id| Some(*id) != leader)
-                .collect();
-            let victim = *followers.choose(rng).unwrap_or(&random);
+            let victim = follower(&ids, leader, rng).unwrap_or(random);
             c.kill_replica(victim);
             victim.to_string()
         }
@@ -302,23 +307,13 @@ pub fn inject(
             None => "skipped: no tmpfs could be mounted (needs root)".into(),
         },
         Kind::WipeReplace => {
-            let followers: Vec<u64> = ids
-                .iter()
-                .copied()
-                .filter(|id| Some(*id) != leader)
-                .collect();
-            let victim = *followers.choose(rng).unwrap_or(&random);
+            let victim = follower(&ids, leader, rng).unwrap_or(random);
             c.kill_replica(victim);
             c.wipe_replica(victim)?;
             victim.to_string()
         }
         Kind::CorruptFollower => {
-            let followers: Vec<u64> = ids
-                .iter()
-                .copied()
-                .filter(|id| Some(*id) != leader)
-                .collect();
-            let victim = *followers.choose(rng).unwrap_or(&random);
+            let victim = follower(&ids, leader, rng).unwrap_or(random);
             c.kill_replica(victim);
             let flipped = flip_a_bit(&c.data_dir(victim), rng)
                 .unwrap_or_else(|e| format!("no bit flipped: {e}"));
