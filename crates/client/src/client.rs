@@ -44,6 +44,10 @@ use attempts::{
 };
 pub use security::{BearerAuth, ConnectArgs, SecurityError, TlsConfig, Token};
 
+/// The shortest try of an `add_node` that promotes: more than the leader's 10 s wait
+/// for the learner to catch up.
+pub const ADD_NODE_TRY: Duration = Duration::from_secs(15);
+
 /// Client settings.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -703,25 +707,43 @@ impl Client {
             .map_err(ClientError::Rejected)
     }
 
-    /// Adds a replica (as a learner, then a voter if `promote`).
+    /// Adds a replica (as a learner, then a voter if `promote`). With `promote`, each
+    /// try may last [`ADD_NODE_TRY`]: the leader waits up to 10 s for the learner to
+    /// catch up before it promotes it, and a shorter try (the default is 3 s) gave up
+    /// and asked again, every time, while a learner installed a snapshot.
     pub async fn add_node(
         &self,
         node_id: u64,
         address: &str,
         promote: bool,
     ) -> Result<pb::AddNodeResponse, ClientError> {
-        self.call_unary(|ch, t| {
-            let req = request(
-                pb::AddNodeRequest {
-                    node_id,
-                    address: address.to_string(),
-                    promote,
-                },
-                t,
-            );
-            async move { cluster(ch).add_node(req).await }
-        })
-        .await
+        let patient;
+        let client = if promote && self.config.per_try_timeout < ADD_NODE_TRY {
+            let mut config = (*self.config).clone();
+            config.per_try_timeout = ADD_NODE_TRY;
+            config.timeout = config.timeout.max(ADD_NODE_TRY);
+            patient = Client {
+                config: Arc::new(config),
+                channels: self.channels.clone(),
+                choice: self.choice.clone(),
+            };
+            &patient
+        } else {
+            self
+        };
+        client
+            .call_unary(|ch, t| {
+                let req = request(
+                    pb::AddNodeRequest {
+                        node_id,
+                        address: address.to_string(),
+                        promote,
+                    },
+                    t,
+                );
+                async move { cluster(ch).add_node(req).await }
+            })
+            .await
     }
 
     /// Removes a replica.
