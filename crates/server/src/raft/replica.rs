@@ -43,7 +43,7 @@ pub struct RaftSettings {
     pub logs_kept_after_snapshot: u64,
     /// Largest snapshot chunk sent in one InstallSnapshot call.
     pub snapshot_chunk_bytes: u64,
-    /// Timeout of one snapshot chunk.
+    /// Timeout of one snapshot chunk (the last one includes the follower's install).
     pub snapshot_chunk_timeout_ms: u64,
 }
 
@@ -63,7 +63,12 @@ impl Default for RaftSettings {
             snapshot_after_logs: 10_000,
             logs_kept_after_snapshot: 1_000,
             snapshot_chunk_bytes: 4 << 20,
-            snapshot_chunk_timeout_ms: 2_000,
+            // The last chunk's answer waits for the follower to check and install the
+            // whole snapshot (decode and SHA-256 twice, encode, write): 2 s was too short
+            // for tens of MB in a debug build under chaos, and openraft then sent the
+            // snapshot again from the start, forever (chaos seed 8, 2026-11-28). Only a
+            // stalled follower's snapshot stream waits this long.
+            snapshot_chunk_timeout_ms: 10_000,
         }
     }
 }
