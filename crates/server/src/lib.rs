@@ -30,5 +30,6 @@ pub mod memory;
 pub mod raft;
 pub mod server;
 pub mod taskmanagers;
+pub mod timing;
 pub mod tls;
 pub mod watch;

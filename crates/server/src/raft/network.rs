@@ -652,7 +652,10 @@ impl PeerClient {
         let last = rpc.entries.last().map(|e| e.log_id);
         let client = self.clone();
         let task = tokio::spawn(async move {
-            let answer = match client.call(RpcKind::Append, &rpc, timeout).await {
+            let started = Instant::now();
+            let called = client.call(RpcKind::Append, &rpc, timeout).await;
+            crate::timing::entries_since("append_entries", rpc.entries.len(), started);
+            let answer = match called {
                 Ok(Ok(resp)) => {
                     match client.vet(guard::check_append_entries_response(client.id, &rpc, &resp)) {
                         Ok(()) => Ok(Ok(resp)),

@@ -35,6 +35,7 @@ use super::status::{stamp_hint_term, ApiError, LEADER_ADDRESS_KEY};
 use crate::raft::error::WriteError;
 use crate::raft::replica::Replica;
 use crate::raft::NodeId;
+use crate::timing;
 use dispatcher_proto::v1 as pb;
 
 /// How long a request without a deadline waits for a leader to be elected (and a
@@ -238,6 +239,7 @@ impl Edge {
         L: FnOnce(Caller, Req) -> LF,
         LF: Future<Output = Result<Resp, ApiError>>,
     {
+        let started = std::time::Instant::now();
         let span = span(rpc, &request);
         let mut answer = async move {
             let deadline = Deadline::of(&request);
@@ -311,6 +313,7 @@ impl Edge {
         }
         .instrument(span)
         .await;
+        timing::rpc_since("edge", rpc.name, started);
         // Any answer naming a leader says in which term (clients ignore older ones).
         let metadata = match &mut answer {
             Ok(resp) => resp.metadata_mut(),
