@@ -21,6 +21,7 @@ use super::integrity;
 use super::log_store::{Identity, LogStore, OpenError};
 use super::network::{GrpcNetwork, NetworkConfig};
 use super::sm_store::{SharedState, StateMachineStore};
+use super::succession::{self, Succession};
 use super::{Node, NodeId, Raft, RaftMetrics, TypeConfig};
 use dispatcher_core::state::{ClusterConfig, Command, Rejection, Response};
 
@@ -200,6 +201,8 @@ pub struct Replica {
     pub state: SharedState,
     /// The cluster id and the peers seen with data.
     pub identity: ClusterIdentity,
+    /// Acts when the leader's process is seen to die (see `succession`).
+    pub succession: Succession,
     log: LogStore,
     batcher: Batcher,
     barrier: Barrier,
@@ -294,11 +297,26 @@ impl Replica {
             .map_err(|e| StartError::Raft(e.to_string()))?;
         let batcher = Batcher::spawn(raft.clone());
         let barrier = Barrier::new(raft.clone());
+        let succession = {
+            let (overrides, metrics_of) = (opts.peer_addresses.clone(), raft.clone());
+            let resolve: succession::Resolve = Arc::new(move |id| {
+                overrides.get(&id).cloned().or_else(|| {
+                    let metrics = metrics_of.metrics();
+                    let m = metrics.borrow();
+                    m.membership_config
+                        .membership()
+                        .get_node(&id)
+                        .map(|n| n.addr.clone())
+                })
+            });
+            Succession::new(raft.clone(), opts.id, resolve)
+        };
         let replica = Replica {
             id: opts.id,
             raft,
             state,
             identity: identity.clone(),
+            succession,
             log,
             batcher,
             barrier,

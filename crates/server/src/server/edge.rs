@@ -253,6 +253,7 @@ impl Edge {
                         request.peer_certs(),
                         forwardable,
                     )
+                    .map(|caller| caller.from_address(request.remote_addr()))
                     .map_err(|e| {
                         tracing::info!(error = %e, "refused at the edge");
                         Status::from(e)
