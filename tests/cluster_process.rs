@@ -103,12 +103,10 @@ async fn kill_9_of_the_leader_elects_another_and_the_old_one_rejoins() {
     let second = c.leader(&client, T, "after kill -9 of the leader").await;
     assert_ne!(first, second);
     // The followers saw the leader's process die (its connection closed, its port
-    // refused) and stood at once: the successor is the lowest surviving id.
-    let successor = (1..=3).find(|id| *id != first).expect("a survivor");
-    assert_eq!(second, successor, "the successor leads");
+    // refused) and stood at once, not after the lease and an election timeout.
     assert!(
-        c.log_of(second).contains("its port refuses connections"),
-        "the successor stood because the leader's process died:\n{}",
+        c.log_of(second).contains("port refuses connections"),
+        "the new leader stood because the leader's process died:\n{}",
         c.log_of(second)
     );
     let after = client

@@ -78,7 +78,7 @@ pub struct Breakdown {
 /// What each stage covers, in the order a submission meets them.
 const STAGES: &[(&str, &str, &str)] = &[
     (
-        "edge",
+        "edge submit_job",
         "leader",
         "SubmitJob on the leader: from tonic handing it over to the answer",
     ),
@@ -107,6 +107,11 @@ const STAGES: &[(&str, &str, &str)] = &[
         "append_entries",
         "leader",
         "AppendEntries with entries, one follower: send to answer",
+    ),
+    (
+        "edge append_entries",
+        "follower",
+        "AppendEntries (heartbeats too) from tonic handing it over to the answer",
     ),
     (
         "follower_append",
@@ -157,10 +162,12 @@ pub async fn run(
             .with_context(|| format!("cannot read {}", log.display()))?;
         for line in text.lines() {
             let Some(t) = parse(line) else { continue };
-            if t.stage == "edge" && t.rpc.as_deref() != Some("SubmitJob") {
-                continue;
-            }
-            samples.entry((t.stage, role)).or_default().push(t.us);
+            let stage = match (t.stage.as_str(), t.rpc.as_deref()) {
+                ("edge", Some(rpc @ ("submit_job" | "append_entries"))) => format!("edge {rpc}"),
+                ("edge", _) => continue,
+                _ => t.stage,
+            };
+            samples.entry((stage, role)).or_default().push(t.us);
         }
     }
     let mut stages = vec![StageRow {
@@ -196,11 +203,11 @@ pub async fn run(
     let derived = vec![
         (
             "client to edge: network, TLS, gRPC both ways, the client library".into(),
-            p50("client", "client") - p50("edge", "leader"),
+            p50("client", "client") - p50("edge submit_job", "leader"),
         ),
         (
             "edge to batcher: auth, decode, validation, answer".into(),
-            p50("edge", "leader") - p50("propose", "leader"),
+            p50("edge submit_job", "leader") - p50("propose", "leader"),
         ),
         (
             "batcher to openraft: queueing and waiting for a slot".into(),
@@ -442,12 +449,12 @@ mod tests {
     #[test]
     fn a_timing_line_is_read_back() {
         let line = "2026-11-28T10:00:00.123Z DEBUG dispatcher::timing: stage=\"edge\" \
-                    rpc=\"SubmitJob\" us=1234";
+                    rpc=\"submit_job\" us=1234";
         assert_eq!(
             parse(line),
             Some(Timing {
                 stage: "edge".into(),
-                rpc: Some("SubmitJob".into()),
+                rpc: Some("submit_job".into()),
                 us: 1234
             })
         );

@@ -309,7 +309,8 @@ impl Replica {
                         .map(|n| n.addr.clone())
                 })
             });
-            Succession::new(raft.clone(), opts.id, resolve)
+            let heartbeat = Duration::from_millis(opts.raft.heartbeat_ms);
+            Succession::new(raft.clone(), opts.id, resolve, heartbeat)
         };
         let replica = Replica {
             id: opts.id,

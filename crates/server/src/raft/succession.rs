@@ -16,14 +16,18 @@
 //!    connect that succeeds or times out means the leader may be alive, and nothing is
 //!    done).
 //!
-//! Then every surviving voter drops its lease on the old leader by standing once
-//! (`trigger().elect()`: a vote for itself, which, unlike the vote for the dead
-//! leader, grants no lease), and the successor, the surviving voter with the lowest id,
-//! stands again a few times at short intervals: its later terms are granted by voters
-//! whose vote is no longer a leader's. Raft's safety is untouched: every vote still
-//! needs a majority and an up-to-date log. A successor whose log is behind is refused,
-//! and the voter with the longer log wins by its own election timer, as without this
-//! module.
+//! The connection's close is the fast signal; as a fallback (a close this replica did
+//! not see, the leader's connection having been replaced), a follower that has not
+//! heard its leader for [`SILENCE_HEARTBEATS`] heartbeat intervals probes its port too.
+//!
+//! Then every surviving voter stands for election (`trigger().elect()`), the lowest id
+//! first and each next one [`STAGGER`] later, and stands again every [`SPACING`] until
+//! a leader is known, at most [`STANDS`] times. The first stand drops the voter's lease
+//! on the dead leader (a vote for itself grants no lease, unlike a leader's vote), so
+//! the next candidate's higher term is granted by every voter whose log is not longer
+//! than the candidate's: the survivor with the longest log wins within a few spacings,
+//! whatever its id. Raft's safety is untouched: every vote still needs a majority and an
+//! up-to-date log.
 //!
 //! Must never act on a live leader: a connection that closes while the leader's port
 //! still accepts (a network blip, a peer channel reconnecting) changes nothing.
@@ -38,10 +42,16 @@ use super::{NodeId, Raft};
 /// How long the probe of the leader's port may take; slower means "maybe alive".
 const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 
-/// The successor's candidacies after the first, and the pause before each: the other
-/// voters need a moment to drop their lease before a term of the successor is granted.
-const SUCCESSOR_TRIES: usize = 4;
-const SUCCESSOR_SPACING: Duration = Duration::from_millis(20);
+/// Most candidacies of one voter for one dead leader.
+pub const STANDS: usize = 6;
+/// Between two candidacies of one voter: long enough for a vote round on loopback or a
+/// LAN, short against the election timeout.
+pub const SPACING: Duration = Duration::from_millis(20);
+/// Between the first candidacies of voters of consecutive ranks, so that they seldom
+/// stand in the same term.
+pub const STAGGER: Duration = Duration::from_millis(8);
+/// Heartbeat intervals of silence from the leader after which its port is probed.
+pub const SILENCE_HEARTBEATS: u32 = 2;
 
 /// Resolves a member's id to the address this replica dials it at.
 pub type Resolve = Arc<dyn Fn(NodeId) -> Option<String> + Send + Sync>;
@@ -60,53 +70,73 @@ struct Inner {
     /// The leader whose AppendEntries came last, and the remote address of the
     /// connection they came over.
     leader_link: Mutex<Option<(NodeId, SocketAddr)>>,
+    /// The leader last heard, when, and whether its port has been probed since.
+    last_heard: Mutex<Option<Heard>>,
+    /// A probe or an election for a dead leader is under way.
+    acting: std::sync::atomic::AtomicBool,
 }
 
-/// What the voters do once the leader is known dead.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Plan {
-    /// Not a surviving voter, or nobody to elect: nothing.
-    Nothing,
-    /// Stand once, to drop the lease on the dead leader.
-    DropLease,
-    /// Stand, then again up to [`SUCCESSOR_TRIES`] times until a leader is known.
-    Succeed,
+#[derive(Clone, Copy)]
+struct Heard {
+    leader: NodeId,
+    at: std::time::Instant,
+    probed: bool,
 }
 
-/// The plan of voter `local` when `dead` led `voters`.
-pub fn plan(local: NodeId, dead: NodeId, voters: &BTreeSet<NodeId>) -> Plan {
-    if local == dead || !voters.contains(&local) {
-        return Plan::Nothing;
+/// When voter `local` first stands once `dead`, which led `voters`, is known dead: its
+/// rank among the surviving voters times [`STAGGER`]; `None` for the dead leader itself
+/// and for a replica that is not a voter.
+pub fn first_stand(local: NodeId, dead: NodeId, voters: &BTreeSet<NodeId>) -> Option<Duration> {
+    if local == dead {
+        return None;
     }
-    match voters.iter().find(|v| **v != dead) {
-        Some(successor) if *successor == local => Plan::Succeed,
-        Some(_) => Plan::DropLease,
-        None => Plan::Nothing,
-    }
+    let rank = voters
+        .iter()
+        .filter(|v| **v != dead)
+        .position(|v| *v == local)?;
+    Some(STAGGER * u32::try_from(rank).unwrap_or(u32::MAX))
 }
 
 impl Succession {
     /// The succession of replica `local`, dialing members at the addresses `resolve`
     /// gives.
-    pub fn new(raft: Raft, local: NodeId, resolve: Resolve) -> Self {
-        Succession {
+    /// Starts the silence watch, which looks every `heartbeat`.
+    pub fn new(raft: Raft, local: NodeId, resolve: Resolve, heartbeat: Duration) -> Self {
+        let succession = Succession {
             inner: Arc::new(Inner {
                 raft,
                 local,
                 resolve,
                 leader_link: Mutex::new(None),
+                last_heard: Mutex::new(None),
+                acting: std::sync::atomic::AtomicBool::new(false),
             }),
-        }
+        };
+        let weak = Arc::downgrade(&succession.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(heartbeat);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                if let Some(leader) = inner.silent_leader(heartbeat * SILENCE_HEARTBEATS) {
+                    inner.clone().act_if_dead(leader);
+                }
+            }
+        });
+        succession
     }
 
-    /// An AppendEntries from `leader` arrived over a connection from `remote`.
+    /// An AppendEntries from `leader` arrived over a connection from `remote`, and
+    /// openraft took it.
     pub fn heard(&self, leader: NodeId, remote: Option<SocketAddr>) {
+        *lock(&self.inner.last_heard) = Some(Heard {
+            leader,
+            at: std::time::Instant::now(),
+            probed: false,
+        });
         let Some(remote) = remote else { return };
-        let mut link = self
-            .inner
-            .leader_link
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut link = lock(&self.inner.leader_link);
         if *link != Some((leader, remote)) {
             *link = Some((leader, remote));
         }
@@ -115,11 +145,7 @@ impl Succession {
     /// An inbound connection from `remote` closed.
     pub fn closed(&self, remote: SocketAddr) {
         let leader = {
-            let mut link = self
-                .inner
-                .leader_link
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut link = lock(&self.inner.leader_link);
             match *link {
                 Some((leader, addr)) if addr == remote => {
                     *link = None;
@@ -128,9 +154,12 @@ impl Succession {
                 _ => return,
             }
         };
-        let inner = self.inner.clone();
-        tokio::spawn(async move { inner.leader_connection_closed(leader).await });
+        self.inner.clone().act_if_dead(leader);
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Whether a TCP connect to `addr` is refused: nothing listens there. A connect that
@@ -142,7 +171,32 @@ pub async fn refuses(addr: &str) -> bool {
 }
 
 impl Inner {
-    async fn leader_connection_closed(&self, leader: NodeId) {
+    /// The leader this follower knows of, if it has been silent for `silence` and its
+    /// port has not been probed since it was last heard (marked probed now).
+    fn silent_leader(&self, silence: Duration) -> Option<NodeId> {
+        let mut heard = lock(&self.last_heard);
+        let h = heard.as_mut()?;
+        if h.probed || h.at.elapsed() < silence || self.current_leader() != Some(h.leader) {
+            return None;
+        }
+        h.probed = true;
+        Some(h.leader)
+    }
+
+    /// Probes `leader`'s port in a task of its own and, if it refuses, stands for
+    /// election as the module documentation says. One at a time.
+    fn act_if_dead(self: Arc<Self>, leader: NodeId) {
+        use std::sync::atomic::Ordering;
+        if self.acting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(async move {
+            self.stand_if_dead(leader).await;
+            self.acting.store(false, Ordering::Release);
+        });
+    }
+
+    async fn stand_if_dead(&self, leader: NodeId) {
         if self.current_leader() != Some(leader) {
             return;
         }
@@ -156,27 +210,31 @@ impl Inner {
         if self.current_leader() != Some(leader) {
             return;
         }
-        let voters = self.voters();
-        let plan = plan(self.local, leader, &voters);
+        let Some(first) = first_stand(self.local, leader, &self.voters()) else {
+            return;
+        };
         tracing::info!(
             leader,
-            ?plan,
-            "the leader's connection closed and its port refuses connections: standing for election"
+            "the leader's port refuses connections: its process is gone; standing for election"
         );
-        match plan {
-            Plan::Nothing => {}
-            Plan::DropLease => self.stand().await,
-            Plan::Succeed => {
-                self.stand().await;
-                for _ in 0..SUCCESSOR_TRIES {
-                    tokio::time::sleep(SUCCESSOR_SPACING).await;
-                    if self.current_leader().is_some_and(|l| l != leader) {
-                        return;
-                    }
-                    self.stand().await;
-                }
+        tokio::time::sleep(first).await;
+        for stand in 0..STANDS {
+            if self.current_leader().is_some_and(|l| l != leader) {
+                return;
             }
+            // After its own first stand, a voter whose vote went to another candidate
+            // (a higher term, which it granted) leaves the field to it: standing again
+            // would depose a leader it has just elected.
+            if stand > 0 && self.voted_for() != Some(self.local) {
+                return;
+            }
+            self.stand().await;
+            tokio::time::sleep(SPACING).await;
         }
+    }
+
+    fn voted_for(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().vote.leader_id().voted_for()
     }
 
     async fn stand(&self) {
@@ -217,17 +275,15 @@ mod tests {
     }
 
     #[test]
-    fn the_lowest_surviving_voter_succeeds_and_the_others_drop_their_lease() {
+    fn surviving_voters_stand_in_the_order_of_their_ids() {
         let voters: BTreeSet<NodeId> = [1, 2, 3].into();
-        assert_eq!(plan(2, 1, &voters), Plan::Succeed);
-        assert_eq!(plan(3, 1, &voters), Plan::DropLease);
-        assert_eq!(plan(1, 2, &voters), Plan::Succeed);
-        assert_eq!(plan(3, 2, &voters), Plan::DropLease);
+        assert_eq!(first_stand(2, 1, &voters), Some(Duration::ZERO));
+        assert_eq!(first_stand(3, 1, &voters), Some(STAGGER));
+        assert_eq!(first_stand(1, 2, &voters), Some(Duration::ZERO));
+        assert_eq!(first_stand(3, 2, &voters), Some(STAGGER));
         // The dead leader's own view, and a learner's, do nothing.
-        assert_eq!(plan(1, 1, &voters), Plan::Nothing);
-        assert_eq!(plan(4, 1, &voters), Plan::Nothing);
-        // A lone voter left has nobody to succeed but itself.
-        assert_eq!(plan(2, 1, &[1, 2].into()), Plan::Succeed);
-        assert_eq!(plan(1, 1, &[1].into()), Plan::Nothing);
+        assert_eq!(first_stand(1, 1, &voters), None);
+        assert_eq!(first_stand(4, 1, &voters), None);
+        assert_eq!(first_stand(2, 1, &[1, 2].into()), Some(Duration::ZERO));
     }
 }
