@@ -19,7 +19,7 @@ use super::batcher::Batcher;
 use super::identity::{self, ClusterIdentity, Decision, IdentityError, InitialClusterState};
 use super::integrity;
 use super::log_store::{Identity, LogStore, OpenError};
-use super::network::{GrpcNetwork, NetworkConfig};
+use super::network::{GrpcNetwork, LongerLog, NetworkConfig};
 use super::sm_store::{SharedState, StateMachineStore};
 use super::succession::{self, Succession};
 use super::{Node, NodeId, Raft, RaftMetrics, TypeConfig};
@@ -250,7 +250,8 @@ impl Replica {
             },
         )
         .with_identity(identity.clone());
-        Self::start_inner(opts, network, identity, true).await
+        let longer_log = network.longer_log();
+        Self::start_inner(opts, network, identity, true, longer_log).await
     }
 
     /// As [`Replica::start`], with any network (the raft tests use an in-process one).
@@ -262,7 +263,7 @@ impl Replica {
         N: openraft::RaftNetworkFactory<TypeConfig>,
     {
         let identity = ClusterIdentity::load(&opts.data_dir)?;
-        Self::start_inner(opts, network, identity, false).await
+        Self::start_inner(opts, network, identity, false, LongerLog::default()).await
     }
 
     /// Starts the replica; `probe`: ask the peers of `initial_cluster` before an empty
@@ -272,6 +273,7 @@ impl Replica {
         network: N,
         identity: ClusterIdentity,
         probe: bool,
+        longer_log: LongerLog,
     ) -> Result<Replica, StartError>
     where
         N: openraft::RaftNetworkFactory<TypeConfig>,
@@ -310,7 +312,7 @@ impl Replica {
                 })
             });
             let heartbeat = Duration::from_millis(opts.raft.heartbeat_ms);
-            Succession::new(raft.clone(), opts.id, resolve, heartbeat)
+            Succession::new(raft.clone(), opts.id, resolve, longer_log, heartbeat)
         };
         let replica = Replica {
             id: opts.id,

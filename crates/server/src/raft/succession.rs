@@ -26,7 +26,8 @@
 //! on the dead leader (a vote for itself grants no lease, unlike a leader's vote), so
 //! the next candidate's higher term is granted by every voter whose log is not longer
 //! than the candidate's: the survivor with the longest log wins within a few spacings,
-//! whatever its id. Raft's safety is untouched: every vote still needs a majority and an
+//! whatever its id (a voter refused by one with a longer log stops standing, so as not
+//! to raise the term past it). Raft's safety is untouched: every vote still needs a majority and an
 //! up-to-date log.
 //!
 //! Must never act on a live leader: a connection that closes while the leader's port
@@ -37,10 +38,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
+
+use super::network::LongerLog;
 use super::{NodeId, Raft};
 
 /// How long the probe of the leader's port may take; slower means "maybe alive".
 const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
+/// Probes of a silent leader's port before it is taken for alive, and the pause
+/// between them.
+const PROBES: u32 = 8;
+const PROBE_SPACING: Duration = Duration::from_millis(10);
 
 /// Most candidacies of one voter for one dead leader.
 pub const STANDS: usize = 6;
@@ -67,6 +75,8 @@ struct Inner {
     raft: Raft,
     local: NodeId,
     resolve: Resolve,
+    /// Terms in which a voter with a longer log refused this replica (the network's).
+    longer_log: LongerLog,
     /// The leader whose AppendEntries came last, and the remote address of the
     /// connection they came over.
     leader_link: Mutex<Option<(NodeId, SocketAddr)>>,
@@ -101,12 +111,19 @@ impl Succession {
     /// The succession of replica `local`, dialing members at the addresses `resolve`
     /// gives.
     /// Starts the silence watch, which looks every `heartbeat`.
-    pub fn new(raft: Raft, local: NodeId, resolve: Resolve, heartbeat: Duration) -> Self {
+    pub fn new(
+        raft: Raft,
+        local: NodeId,
+        resolve: Resolve,
+        longer_log: LongerLog,
+        heartbeat: Duration,
+    ) -> Self {
         let succession = Succession {
             inner: Arc::new(Inner {
                 raft,
                 local,
                 resolve,
+                longer_log,
                 leader_link: Mutex::new(None),
                 last_heard: Mutex::new(None),
                 acting: std::sync::atomic::AtomicBool::new(false),
@@ -138,6 +155,7 @@ impl Succession {
         let Some(remote) = remote else { return };
         let mut link = lock(&self.inner.leader_link);
         if *link != Some((leader, remote)) {
+            tracing::debug!(leader, %remote, "the leader's messages come over a new connection");
             *link = Some((leader, remote));
         }
     }
@@ -151,9 +169,13 @@ impl Succession {
                     *link = None;
                     leader
                 }
-                _ => return,
+                other => {
+                    tracing::trace!(%remote, link = ?other, "a connection other than the leader's closed");
+                    return;
+                }
             }
         };
+        tracing::debug!(leader, %remote, "the leader's connection closed");
         self.inner.clone().act_if_dead(leader);
     }
 }
@@ -186,7 +208,6 @@ impl Inner {
     /// Probes `leader`'s port in a task of its own and, if it refuses, stands for
     /// election as the module documentation says. One at a time.
     fn act_if_dead(self: Arc<Self>, leader: NodeId) {
-        use std::sync::atomic::Ordering;
         if self.acting.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -197,14 +218,30 @@ impl Inner {
     }
 
     async fn stand_if_dead(&self, leader: NodeId) {
-        if self.current_leader() != Some(leader) {
-            return;
-        }
+        let since = std::time::Instant::now();
         let Some(addr) = (self.resolve)(leader) else {
             return;
         };
-        if !refuses(&addr).await {
-            return;
+        // A dying process may still hold its port for a moment after its connections
+        // closed (the kernel tears it down): probe a few times while it stays silent.
+        let mut probes = 0;
+        loop {
+            if self.current_leader() != Some(leader) || self.heard_since(leader, since) {
+                tracing::debug!(
+                    leader,
+                    "the leader was replaced or spoke again: not probing"
+                );
+                return;
+            }
+            if refuses(&addr).await {
+                break;
+            }
+            probes += 1;
+            if probes >= PROBES {
+                tracing::debug!(leader, probes, "the leader's port still accepts");
+                return;
+            }
+            tokio::time::sleep(PROBE_SPACING).await;
         }
         // Still the leader we know of after the probe: nobody has replaced it yet.
         if self.current_leader() != Some(leader) {
@@ -218,7 +255,17 @@ impl Inner {
             "the leader's port refuses connections: its process is gone; standing for election"
         );
         tokio::time::sleep(first).await;
+        let refused_before = self.longer_log.load(Ordering::Acquire);
         for stand in 0..STANDS {
+            // A voter with a longer log refused this one: only it can win, and it will
+            // once this one stops raising the term.
+            if self.longer_log.load(Ordering::Acquire) > refused_before {
+                tracing::debug!(
+                    leader,
+                    "a voter has a longer log: leaving the election to it"
+                );
+                return;
+            }
             if self.current_leader().is_some_and(|l| l != leader) {
                 return;
             }
@@ -231,6 +278,11 @@ impl Inner {
             self.stand().await;
             tokio::time::sleep(SPACING).await;
         }
+    }
+
+    /// Whether `leader` was heard after `since`.
+    fn heard_since(&self, leader: NodeId, since: std::time::Instant) -> bool {
+        lock(&self.last_heard).is_some_and(|h| h.leader == leader && h.at > since)
     }
 
     fn voted_for(&self) -> Option<NodeId> {
