@@ -133,10 +133,8 @@ impl TaskManagers {
         if !still_ours {
             return Ok(HeartbeatAnswer::Unregistered);
         }
-        Ok(HeartbeatAnswer::Registered {
-            run: g.state.assignments(id),
-            stop: g.state.stopping(id),
-        })
+        let (run, stop) = g.state.run_and_stop(id);
+        Ok(HeartbeatAnswer::Registered { run, stop })
     }
 
     /// Unregisters an instance on behalf of `principal` (`None`: an administrator, who

@@ -107,39 +107,58 @@ impl DispatcherState {
     /// The attempts the TaskManager should be running: those in its slots whose job is
     /// RUNNING. Anything else it runs, it must kill.
     pub fn assignments(&self, id: &TaskManagerId) -> Vec<Assignment> {
-        self.slot_attempts(id, true)
+        self.run_and_stop(id).0
     }
 
     /// The attempts that hold a slot on the TaskManager but must stop: their job is
     /// winding down. The TaskManager stops them (or, if it never started them, reports
     /// them CANCELED at once) so their slots are freed.
     pub fn stopping(&self, id: &TaskManagerId) -> Vec<Assignment> {
-        self.slot_attempts(id, false)
+        self.run_and_stop(id).1
     }
 
-    fn slot_attempts(&self, id: &TaskManagerId, running: bool) -> Vec<Assignment> {
+    /// [`Self::assignments`] and [`Self::stopping`] in one pass over the slots: what a
+    /// heartbeat answers. A TaskManager's slots mostly hold tasks of a few jobs (gang
+    /// placement), so the job of the previous slot is reused rather than looked up
+    /// again: with 100 slots per TaskManager and 10,000 jobs, the lookups (key
+    /// comparisons in the job map) were most of a heartbeat's cost.
+    pub fn run_and_stop(&self, id: &TaskManagerId) -> (Vec<Assignment>, Vec<Assignment>) {
+        let (mut run, mut stop) = (Vec::new(), Vec::new());
         let Some(tm) = self.task_managers.get(id) else {
-            return Vec::new();
+            return (run, stop);
         };
-        tm.slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, slot)| {
-                let (task, attempt) = slot.as_ref()?;
-                let job = self.jobs.get(&task.job)?;
-                if (job.state == JobState::Running) != running {
-                    return None;
-                }
-                let vertex = job.spec.vertices.get(task.key.vertex as usize)?;
-                Some(Assignment {
-                    task: task.clone(),
-                    vertex: vertex.name.clone(),
-                    attempt: *attempt,
-                    slot: i as u32,
-                    spec: vertex.task.clone(),
-                })
-            })
-            .collect()
+        let mut last: Option<&Job> = None;
+        for (i, slot) in tm.slots.iter().enumerate() {
+            let Some((task, attempt)) = slot.as_ref() else {
+                continue;
+            };
+            let job = match last {
+                Some(j) if j.id == task.job => j,
+                _ => match self.jobs.get(&task.job) {
+                    Some(j) => {
+                        last = Some(j);
+                        j
+                    }
+                    None => continue,
+                },
+            };
+            let Some(vertex) = job.spec.vertices.get(task.key.vertex as usize) else {
+                continue;
+            };
+            let assignment = Assignment {
+                task: task.clone(),
+                vertex: vertex.name.clone(),
+                attempt: *attempt,
+                slot: i as u32,
+                spec: vertex.task.clone(),
+            };
+            if job.state == JobState::Running {
+                run.push(assignment);
+            } else {
+                stop.push(assignment);
+            }
+        }
+        (run, stop)
     }
 
     /// Jobs whose restart delay has passed at `now` and whose tasks have all stopped:
