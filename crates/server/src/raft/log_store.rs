@@ -150,12 +150,16 @@ impl Disk {
     /// sled flush, then (when `durable`) fdatasync of new blob files and the data file.
     /// Blocking.
     fn sync(&self, durable: bool) -> std::io::Result<()> {
+        let started = std::time::Instant::now();
         self.db.flush().map_err(std::io::Error::other)?;
-        if !durable {
-            return Ok(());
+        if durable {
+            sync_new_blobs(&self.blobs, &self.synced_blobs)?;
+            self.data_file.sync_data()?;
         }
-        sync_new_blobs(&self.blobs, &self.synced_blobs)?;
-        self.data_file.sync_data()
+        crate::metrics::STORAGE
+            .sync
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
     }
 }
 
@@ -696,6 +700,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
+        let started = std::time::Instant::now();
         let mut batch = sled::Batch::default();
         for entry in entries {
             let bytes = codec::encode_checked(&entry)
@@ -705,6 +710,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        crate::metrics::STORAGE
+            .append
+            .observe(started.elapsed().as_secs_f64());
         // Entries are readable now; the flusher makes them durable, then calls back.
         let flush = Job::Flush {
             callback,
