@@ -216,104 +216,104 @@ impl Metrics {
         }
         reg!(
             "raft_term",
-            "Current Raft term of this replica.",
+            "Current Raft term of this replica",
             m.raft_term.clone()
         );
-        reg!("raft_role", "1 for this replica's Raft role (leader, follower, candidate, learner, shutdown), 0 for the others.", m.raft_role.clone());
+        reg!("raft_role", "1 for this replica's Raft role (leader, follower, candidate, learner, shutdown), 0 for the others", m.raft_role.clone());
         reg!(
             "raft_leader_id",
-            "Replica id of the leader this replica knows; 0 if none.",
+            "Replica id of the leader this replica knows; 0 if none",
             m.raft_leader.clone()
         );
         reg!(
             "raft_last_log_index",
-            "Index of the last entry in this replica's log.",
+            "Index of the last entry in this replica's log",
             m.raft_last_log_index.clone()
         );
         reg!(
             "raft_applied_index",
-            "Index of the last entry applied to this replica's state machine.",
+            "Index of the last entry applied to this replica's state machine",
             m.raft_applied_index.clone()
         );
-        reg!("raft_commit_index", "Highest index a quorum holds, as the leader computes it from replication; on a follower, its applied index (a lower bound).", m.raft_commit_index.clone());
+        reg!("raft_commit_index", "Highest index a quorum holds, as the leader computes it from replication; on a follower, its applied index (a lower bound)", m.raft_commit_index.clone());
         reg!(
             "raft_leader_changes",
-            "Times the leader known to this replica changed.",
+            "Times the leader known to this replica changed",
             m.leader_changes.clone()
         );
         reg!(
             "raft_replication_lag_entries",
-            "On the leader: entries each peer's log is behind the leader's last log index.",
+            "On the leader: entries each peer's log is behind the leader's last log index",
             m.raft_replication_lag.clone()
         );
         reg!(
             "raft_log_append_seconds",
-            "Time to write appended entries into the log store (sled), before the sync.",
+            "Time to write appended entries into the log store (sled), before the sync",
             STORAGE.append.clone()
         );
         reg!(
             "raft_log_sync_seconds",
-            "Time of one flush and fdatasync of the log (one group commit).",
+            "Time of one flush and fdatasync of the log (one group commit)",
             STORAGE.sync.clone()
         );
         reg!(
             "jobs",
-            "Jobs in the registry by state (applied state of this replica).",
+            "Jobs in the registry by state (applied state of this replica)",
             m.jobs.clone()
         );
         reg!(
             "tasks",
-            "Subtasks by the state of their current attempt (applied state of this replica).",
+            "Subtasks by the state of their current attempt (applied state of this replica)",
             m.tasks.clone()
         );
         reg!(
             "slots_total",
-            "Slots of all registered TaskManagers.",
+            "Slots of all registered TaskManagers",
             m.slots_total.clone()
         );
         reg!(
             "slots_free",
-            "Slots holding no task attempt.",
+            "Slots holding no task attempt",
             m.slots_free.clone()
         );
         reg!(
             "taskmanagers_alive",
-            "Registered TaskManagers (not expired or unregistered).",
+            "Registered TaskManagers (not expired or unregistered)",
             m.task_managers.clone()
         );
         reg!(
             "taskmanagers_expired",
-            "TaskManagers this replica expired while it led (lease ran out).",
+            "TaskManagers this replica expired while it led (lease ran out)",
             m.expired_total.clone()
         );
         reg!(
             "taskmanager_heartbeat_age_seconds",
-            "On the leader: time since each TaskManager's last heartbeat.",
+            "On the leader: time since each TaskManager's last heartbeat",
             m.heartbeat_age.clone()
         );
         reg!(
             "submit_latency_seconds",
-            "SubmitJob latency at the replica the client called, forwarding included.",
+            "SubmitJob latency at the replica the client called, forwarding included",
             m.submit_latency.clone()
         );
         reg!(
             "requests_forwarded",
-            "Calls this replica forwarded to the leader, by RPC.",
+            "Calls this replica forwarded to the leader, by RPC",
             m.forwarded.clone()
         );
         reg!(
             "requests_rejected",
-            "Calls answered with an error, by RPC and gRPC code.",
+            "Calls answered with an error, by RPC and gRPC code",
             m.rejected.clone()
         );
         reg!(
             "watch_streams",
-            "Open WatchJob streams on this replica.",
+            "Open WatchJob streams on this replica",
             m.watch_streams.clone()
         );
         reg!(
             "watched_jobs",
-            "Jobs with at least one open WatchJob stream on this replica.",
+            "Jobs with at least one open WatchJob stream on this replica",
             m.watched_jobs.clone()
         );
         m
