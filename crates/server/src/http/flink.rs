@@ -160,7 +160,7 @@ async fn jobs_overview(
     let now = now_ms();
     // Newest first, as Flink lists them.
     let mut jobs: Vec<&pb::JobSummary> = all.iter().collect();
-    jobs.sort_by(|a, b| b.submitted_at_ms.cmp(&a.submitted_at_ms));
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.submitted_at_ms));
     let jobs: Vec<Value> = jobs
         .into_iter()
         .map(|j| job_overview_json(j, now))
@@ -811,7 +811,7 @@ pub fn exceptions_json(status: &pb::JobStatus) -> Value {
             "concurrentExceptions": [],
         }));
     }
-    entries.sort_by(|a, b| b["timestamp"].as_u64().cmp(&a["timestamp"].as_u64()));
+    entries.sort_by_key(|e| std::cmp::Reverse(e["timestamp"].as_u64()));
     json!({ "exceptionHistory": { "entries": entries, "truncated": false } })
 }
 
@@ -1065,7 +1065,7 @@ mod tests {
             ..Default::default()
         };
         let counts = BTreeMap::from([(JobState::Running, 2), (JobState::Created, 1)]);
-        let o = overview_json(&[tm.clone()], &counts);
+        let o = overview_json(std::slice::from_ref(&tm), &counts);
         assert_eq!(o["jobs-running"], 3);
         assert_eq!(o["slots-available"], 1);
         for (ours, name) in [
