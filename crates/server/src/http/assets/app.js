@@ -50,7 +50,7 @@ function pill(s) {
 function fmtTime(ms) {
   if (!ms || ms < 0) return "—";
   const d = new Date(ms);
-  return d.toLocaleString(undefined, { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  return d.toLocaleString(undefined, { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
 }
 
 function fmtDuration(ms) {
@@ -125,15 +125,24 @@ function updateSession() {
   $("signout").hidden = !sessionStorage.getItem(TOKEN_KEY);
 }
 
-function notice(text, kind) {
+// A message above the page. `sticky`: the answer to something the user did, kept until
+// they go to another page; otherwise (a failed poll) cleared by the next good one.
+function notice(text, kind, sticky) {
   const n = $("notice");
   if (!text) {
     n.hidden = true;
+    n.dataset.sticky = "";
     return;
   }
   n.hidden = false;
   n.className = "notice " + (kind || "error");
+  n.dataset.sticky = sticky ? "1" : "";
   n.textContent = text;
+}
+
+// replaceChildren without the parts left out (null when a condition does not hold).
+function fill(el, ...parts) {
+  el.replaceChildren(...parts.flat().filter((p) => p !== null && p !== undefined && p !== false));
 }
 
 // ---- Views -----------------------------------------------------------------------------
@@ -141,7 +150,7 @@ function notice(text, kind) {
 async function renderStats() {
   const o = await api("/overview");
   const stats = $("stats");
-  stats.replaceChildren(
+  fill(stats, 
     h("span", { class: "stat" }, h("b", {}, o["jobs-running"]), " active"),
     h("span", { class: "stat" }, h("b", {}, o["jobs-finished"]), " finished"),
     h("span", { class: "stat" }, h("b", {}, o["taskmanagers"]), " TaskManagers"),
@@ -171,7 +180,7 @@ async function renderJobs(view) {
       h("td", {}, fmtTime(j["start-time"])),
       h("td", { class: "num" }, fmtDuration(j.duration)));
   });
-  view.replaceChildren(
+  fill(view, 
     h("div", { class: "page-head" },
       h("h1", {}, "Jobs"),
       h("div", { class: "chips" }, Object.entries(counts).map(([s, n]) => h("span", { class: "chip" }, pill(s), " " + n))),
@@ -262,9 +271,9 @@ async function renderJob(view, jid) {
       e.target.disabled = true;
       try {
         await api("/jobs/" + jid + "?mode=cancel", { method: "PATCH" });
-        notice("Cancellation requested for " + job.name + ".", "ok");
+        notice("Cancellation requested for " + job.name + ".", "ok", true);
       } catch (err) {
-        notice(err.status === 403 ? "This token may not cancel jobs (needs role submit or admin): " + err.message : "Cancel failed: " + err.message);
+        notice(err.status === 403 ? "This token may not cancel jobs (needs role submit or admin): " + err.message : "Cancel failed: " + err.message, "error", true);
       }
       refresh();
     },
@@ -279,7 +288,7 @@ async function renderJob(view, jid) {
     h("td", { class: "muted small" }, t["failure-cause"] || (t["exit-code"] !== null && t["exit-code"] !== undefined ? "exit " + t["exit-code"] : ""))));
   const history = cps.history || [];
   const facts = [
-    ["Job ID", h("span", { class: "mono" }, job.jid)],
+    ["Job ID", h("span", { class: "mono" }, job.jid), "wide"],
     ["Started", fmtTime(job["start-time"])],
     ["Ended", fmtTime(job["end-time"])],
     ["Duration", fmtDuration(job.duration)],
@@ -287,13 +296,13 @@ async function renderJob(view, jid) {
     ["Priority", job.priority],
     ["Next checkpoint", cps["next-checkpoint-id"]],
   ];
-  view.replaceChildren(
+  fill(view, 
     h("div", { class: "page-head" },
       h("div", {}, h("a", { href: "#/jobs", class: "back" }, "← Jobs"), h("h1", {}, job.name, " ", pill(job.state))),
       h("div", { class: "actions" }, cancel)),
     job["failure-cause"] ? h("div", { class: "notice error" }, "Failure: " + job["failure-cause"]) : null,
     job["pending-reason"] ? h("div", { class: "notice warn" }, "Waiting for slots: " + job["pending-reason"]) : null,
-    h("div", { class: "card facts" }, facts.map(([k, v]) => h("div", {}, h("div", { class: "muted small" }, k), h("div", { class: "fact" }, v)))),
+    h("div", { class: "card facts" }, facts.map(([k, v, wide]) => h("div", { class: wide || "" }, h("div", { class: "muted small" }, k), h("div", { class: "fact" }, v)))),
     h("div", { class: "card" }, h("h2", {}, "Job graph"), h("div", { class: "dag-wrap" }, dag(job))),
     h("div", { class: "card" }, h("h2", {}, "Tasks"),
       h("table", { class: "table", id: "tasks-table" },
@@ -327,7 +336,7 @@ async function renderTaskManagers(view) {
       Object.keys(t.labels || {}).length ? h("div", { class: "labels" }, Object.entries(t.labels).map(([k, v]) => h("span", { class: "label" }, k + "=" + v))) : null,
       h("div", { class: "slots" }, slots));
   });
-  view.replaceChildren(
+  fill(view, 
     h("div", { class: "page-head" }, h("h1", {}, "TaskManagers")),
     cards.length ? h("div", { class: "grid" }, cards) : h("div", { class: "card empty" }, "No TaskManager is registered."));
 }
@@ -344,7 +353,7 @@ async function renderCluster(view) {
     h("td", { class: "num" }, r.reachable ? r["applied-index"] : "—"),
     h("td", { class: "num" }, r.reachable ? r.lag : "—"),
     h("td", {}, h("span", { class: "health " + (r.healthy ? "ok" : "bad") }, r.healthy ? "healthy" : (r.reachable ? "no leader" : "unreachable")))));
-  view.replaceChildren(
+  fill(view, 
     h("div", { class: "page-head" }, h("h1", {}, "Cluster")),
     h("div", { class: "card facts" },
       h("div", {}, h("div", { class: "muted small" }, "Leader"), h("div", { class: "fact" }, leader ? `replica ${leader.id}` : "none known")),
@@ -379,7 +388,7 @@ async function refresh() {
     else await renderJobs(view);
     hideSignin();
     $("live").classList.remove("stale");
-    if ($("notice").classList.contains("error") && $("notice").dataset.sticky !== "1") notice("");
+    if ($("notice").dataset.sticky !== "1") notice("");
   } catch (err) {
     if (err.status === 401) {
       sessionStorage.removeItem(TOKEN_KEY);
@@ -404,6 +413,7 @@ function start() {
     if (!token) return;
     sessionStorage.setItem(TOKEN_KEY, token);
     $("token").value = "";
+    notice("");
     try {
       await api("/overview");
       hideSignin();
@@ -415,6 +425,7 @@ function start() {
   });
   $("signout").addEventListener("click", () => {
     sessionStorage.removeItem(TOKEN_KEY);
+    notice("");
     updateSession();
     showSignin("");
   });
