@@ -73,6 +73,8 @@ pub fn new_failure<'a>(previous: Option<&pb::JobStatus>, j: &'a pb::JobStatus) -
 /// failures print above the bar as they happen.
 pub struct WatchBar {
     bar: indicatif::ProgressBar,
+    /// Redrawing on its own (from the first event on).
+    ticking: bool,
 }
 
 /// Task states in the order the bar's summary names them.
@@ -88,7 +90,7 @@ const BAR_STATES: [(pb::TaskState, &str); 6] = [
 impl WatchBar {
     fn new() -> Self {
         let bar = indicatif::ProgressBar::with_draw_target(
-            Some(0),
+            Some(1),
             indicatif::ProgressDrawTarget::stdout(),
         );
         let style = indicatif::ProgressStyle::with_template(
@@ -97,7 +99,10 @@ impl WatchBar {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> ");
         bar.set_style(style);
-        WatchBar { bar }
+        WatchBar {
+            bar,
+            ticking: false,
+        }
     }
 
     /// Shows the job as of one event.
@@ -119,10 +124,18 @@ impl WatchBar {
         if let Some(f) = new_failure(previous, j) {
             self.bar.println(format!("failure: {f}"));
         }
-        self.bar.set_length(j.tasks.len() as u64);
-        self.bar.set_position(up as u64);
+        // Text first: a redraw comes with the position, and draws are rate-limited.
         self.bar.set_prefix(job_state(j.state));
         self.bar.set_message(parts.join(" · "));
+        self.bar.set_length(j.tasks.len() as u64);
+        self.bar.set_position(up as u64);
+        if !self.ticking {
+            // Redraws between events too, so that the last change is never left
+            // undrawn by the rate limit.
+            self.bar
+                .enable_steady_tick(std::time::Duration::from_millis(250));
+            self.ticking = true;
+        }
     }
 
     /// Leaves the bar with the job's last state on the screen.
