@@ -665,6 +665,39 @@ mod tests {
     }
 
     #[test]
+    fn http_is_off_by_default_and_guarded_like_grpc() {
+        assert_eq!(args().into_config().expect("valid").http_listen, None);
+        let on = Args {
+            http_listen: Some("127.0.0.1:8081".parse().expect("addr")),
+            ..args()
+        };
+        assert_eq!(
+            on.into_config().expect("valid").http_listen,
+            Some("127.0.0.1:8081".parse().expect("addr"))
+        );
+        let msg = |a: Args| a.into_config().expect_err("invalid").to_string();
+        let m = msg(Args {
+            http_listen: Some("0.0.0.0:8081".parse().expect("addr")),
+            ..args()
+        });
+        assert!(m.contains("--http-listen") && m.contains("TLS"), "{m}");
+        let m = msg(Args {
+            http_listen: Some("127.0.0.1:7001".parse().expect("addr")),
+            ..args()
+        });
+        assert!(m.contains("--http-listen") && m.contains("--listen"), "{m}");
+        let open = Args {
+            http_listen: Some("0.0.0.0:8081".parse().expect("addr")),
+            insecure: true,
+            ..args()
+        };
+        assert!(
+            open.into_config().is_ok(),
+            "--insecure allows it, as for --listen"
+        );
+    }
+
+    #[test]
     fn bad_settings_are_named() {
         let msg = |a: Args| a.into_config().expect_err("invalid").to_string();
         assert!(msg(Args { id: None, ..args() }).contains("--id"));
