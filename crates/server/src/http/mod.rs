@@ -29,11 +29,15 @@ use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
 
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt as _;
+
 use crate::leader::Liveness;
 use crate::metrics::{Metrics, ScrapeSources};
 use crate::server::cluster_service::ClusterServer;
 use crate::server::edge::{Access, Edge};
 use crate::server::job_service::JobServer;
+use crate::server::listener::{self, Counted};
 use crate::server::taskmanager_service::TaskManagerServer;
 use call::HttpError;
 
@@ -140,26 +144,35 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpStartError> {
         .map_err(|source| HttpStartError::Listen { addr, source })
 }
 
-/// Serves `router` on `tcp` until `stopping` turns true.
+/// Most HTTP connections open at once (besides gRPC's own bound): the dashboard, Flink
+/// clients and scrapers need few; the rest of the descriptors stay for gRPC and Raft.
+pub const MAX_HTTP_CONNECTIONS: usize = 1024;
+
+/// Serves `router` on `tcp` until `stopping` turns true: at most `max` connections open
+/// at once, each closed if it sends nothing within 10 s (the gRPC listener's rules,
+/// `server::listener`), HTTPS when `tls` is given.
 pub async fn serve(
     tcp: TcpListener,
+    max: usize,
     router: Router,
     tls: Option<Arc<rustls::ServerConfig>>,
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
     let addr = tcp.local_addr().ok();
-    tracing::info!(addr = ?addr, https = tls.is_some(), "serving HTTP (Flink REST, /metrics, dashboard)");
+    tracing::info!(addr = ?addr, https = tls.is_some(), max_connections = max, "serving HTTP (Flink REST, /metrics, dashboard)");
+    let local = addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let incoming = listener::incoming(tcp, max, listener::FIRST_BYTES_WITHIN);
     let shutdown = async move {
         let _ = stopping.wait_for(|s| *s).await;
     };
     let result = match tls {
         None => {
-            axum::serve(tcp, router)
+            axum::serve(Plain { incoming, local }, router)
                 .with_graceful_shutdown(shutdown)
                 .await
         }
         Some(config) => {
-            axum::serve(TlsListener::new(tcp, config), router)
+            axum::serve(TlsListener::new(incoming, local, config), router)
                 .with_graceful_shutdown(shutdown)
                 .await
         }
@@ -169,41 +182,72 @@ pub async fn serve(
     }
 }
 
+/// The peer of an accepted connection (`local` when the socket cannot say).
+fn peer_of(conn: &Counted, local: SocketAddr) -> SocketAddr {
+    use tonic::transport::server::Connected as _;
+    conn.connect_info().remote_addr().unwrap_or(local)
+}
+
+/// Plain HTTP over the bounded accept loop.
+struct Plain {
+    incoming: ReceiverStream<std::io::Result<Counted>>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for Plain {
+    type Io = Counted;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(conn)) => {
+                    let peer = peer_of(&conn, self.local);
+                    return (conn, peer);
+                }
+                Some(Err(_)) => continue,
+                // The accept loop never ends while this listener lives.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
 /// A listener that hands axum only connections whose TLS handshake completed; each
 /// handshake runs in a task of its own, so a slow client holds up no other.
 struct TlsListener {
-    local: std::io::Result<SocketAddr>,
-    ready: tokio::sync::mpsc::Receiver<(
-        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-        SocketAddr,
-    )>,
+    local: SocketAddr,
+    ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<Counted>, SocketAddr)>,
 }
 
 impl TlsListener {
-    fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> Self {
-        let local = tcp.local_addr();
+    fn new(
+        mut incoming: ReceiverStream<std::io::Result<Counted>>,
+        local: SocketAddr,
+        config: Arc<rustls::ServerConfig>,
+    ) -> Self {
         let (tx, ready) = tokio::sync::mpsc::channel(64);
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
-                    accepted = tcp.accept() => accepted,
+                    accepted = incoming.next() => accepted,
                     // axum dropped the listener: stop accepting (and free the port).
                     _ = tx.closed() => return,
                 };
-                let (stream, peer) = match accepted {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of descriptors, say: wait a little rather than spin.
-                        tracing::debug!(error = %e, "HTTP accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+                let conn = match accepted {
+                    Some(Ok(conn)) => conn,
+                    Some(Err(_)) => continue,
+                    None => return,
                 };
+                let peer = peer_of(&conn, local);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
-                    match tokio::time::timeout(TLS_HANDSHAKE_WITHIN, acceptor.accept(stream)).await
-                    {
+                    match tokio::time::timeout(TLS_HANDSHAKE_WITHIN, acceptor.accept(conn)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
                         }
@@ -218,7 +262,7 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Io = tokio_rustls::server::TlsStream<Counted>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -230,9 +274,6 @@ impl axum::serve::Listener for TlsListener {
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        match &self.local {
-            Ok(a) => Ok(*a),
-            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-        }
+        Ok(self.local)
     }
 }

@@ -234,6 +234,10 @@ pub async fn serve(
         });
         tokio::spawn(crate::http::serve(
             listener,
+            crate::http::MAX_HTTP_CONNECTIONS.min(listener::effective_max_connections(
+                config.max_connections,
+                fd_limit,
+            )),
             router,
             http_tls,
             stop_rx.clone(),
