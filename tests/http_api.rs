@@ -163,6 +163,19 @@ async fn flink_routes_answer_in_flinks_shapes_on_every_replica() {
     let bad = get(&c, leader, "/jobs/not-an-id", None).await;
     assert_eq!(bad.status, 400, "{}", bad.body);
     errors(&bad);
+    // Refusals axum makes before any handler runs have the same shape.
+    let undecodable = get(&c, leader, "/jobs/%FF%FE/checkpoints", None).await;
+    assert_eq!(undecodable.status, 400, "{}", undecodable.body);
+    errors(&undecodable);
+    let method = call(
+        "DELETE",
+        &format!("{}/jobs/{jid}", c.http_url(leader)),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(method.status, 405, "{}", method.body);
+    errors(&method);
     let nowhere = get(&c, leader, "/no/such/route", None).await;
     assert_eq!(nowhere.status, 404);
     assert!(errors(&nowhere).contains("Not found"));

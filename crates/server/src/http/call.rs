@@ -96,3 +96,32 @@ pub async fn not_found(method: Method, uri: Uri) -> HttpError {
         format!("Not found: {method} {}", uri.path()),
     )
 }
+
+/// Gives every error answer Flink's shape, also those axum makes itself before a
+/// handler runs (a path that does not decode, a query it cannot parse, a method a route
+/// does not have): their text becomes the one element of `errors`.
+pub async fn flink_error_shape(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    // axum's own rejections are short texts; a larger body is not one of them.
+    let text = match axum::body::to_bytes(resp.into_body(), 64 * 1024).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_string()
+    } else {
+        text
+    };
+    HttpError::new(status, message).into_response()
+}

@@ -88,6 +88,7 @@ pub fn router(services: Services) -> Router {
         .route("/dispatcher/cluster", get(flink::cluster))
         .merge(dashboard::routes())
         .fallback(call::not_found)
+        .layer(axum::middleware::map_response(call::flink_error_shape))
         .with_state(services)
 }
 
