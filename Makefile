@@ -74,7 +74,8 @@ test: python-deps
 	$(MAKE) chaos-smoke
 
 ## Flink's own CLI (`flink list`, `flink cancel` from Apache Flink's distribution)
-## against a live cluster's REST API (--http-listen), checked with dispatchctl. Installs
+## against live clusters' REST API (--http-listen; plain, then TLS with tokens), checked
+## with dispatchctl. Installs
 ## a Java runtime from Debian's packages when missing and Flink from PyPI (target/flink-cli).
 flink-cli-test:
 	$(CARGO) build --bins -p dispatcher-server -p dispatcher-client
