@@ -79,14 +79,14 @@ test: python-deps
 ## a Java runtime from Debian's packages when missing and Flink from PyPI (target/flink-cli).
 flink-cli-test:
 	$(CARGO) build --bins -p dispatcher-server -p dispatcher-client
-	FLINK_TEST_BIN=$(CURDIR)/target/debug scripts/flink-cli-test.sh
+	FLINK_TEST_BIN=$${CARGO_TARGET_DIR:-$(CURDIR)/target}/debug scripts/flink-cli-test.sh
 
 ## The web dashboard in headless Chromium (Debian's package, installed when missing) driven
 ## by Playwright for Python (target/dashboard-venv, PyPI) against a live secured cluster;
 ## screenshots of every page in target/dashboard-screenshots/.
 dashboard-test:
 	$(CARGO) build --bins -p dispatcher-server -p dispatcher-client
-	DASHBOARD_TEST_BIN=$(CURDIR)/target/debug scripts/dashboard-test.sh
+	DASHBOARD_TEST_BIN=$${CARGO_TARGET_DIR:-$(CURDIR)/target}/debug scripts/dashboard-test.sh
 
 fmt:
 	$(CARGO) fmt --all
