@@ -102,6 +102,13 @@ async fn kill_9_of_the_leader_elects_another_and_the_old_one_rejoins() {
     c.kill(first);
     let second = c.leader(&client, T, "after kill -9 of the leader").await;
     assert_ne!(first, second);
+    // The followers saw the leader's process die (its connection closed, its port
+    // refused) and stood at once, not after the lease and an election timeout.
+    assert!(
+        c.log_of(second).contains("port refuses connections"),
+        "the new leader stood because the leader's process died:\n{}",
+        c.log_of(second)
+    );
     let after = client
         .submit_job(None, sleep_job("after", 1))
         .await

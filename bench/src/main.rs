@@ -10,6 +10,7 @@
 //! dispatcher both ways and reports the cost. etcd and ZooKeeper run without TLS or
 //! authentication.
 
+mod breakdown;
 mod fanout;
 mod place;
 mod procs;
@@ -99,6 +100,12 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         task_managers: usize,
     },
+    /// Where the time of a submission goes: every stage's timing on the leader and the
+    /// followers, from the replicas' own reports.
+    Breakdown(breakdown::BreakdownArgs),
+    /// What no write can beat here: a no-op call through the same client and stack,
+    /// one fdatasync, and the replicated write they bound.
+    Floor(breakdown::FloorArgs),
     /// Simulated TaskManagers and jobs: time until every task is placed and RUNNING.
     Place(place::PlaceArgs),
     /// Restart of a replica holding a large state: time until it serves reads again.
@@ -293,6 +300,16 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             let r =
                 workload::failover(&mut *sys, *fault, *trials, *writers, &mut (), quiet).await?;
             print(cli, &r, failover_table(std::slice::from_ref(&r)))
+        }
+        Cmd::Breakdown(args) => {
+            let dir = fresh_dir(&cli.work_dir, "dispatcher")?;
+            let r = breakdown::run(&dir, &bin_dir(cli), args, security(cli), quiet).await?;
+            print(cli, &r, r.table())
+        }
+        Cmd::Floor(args) => {
+            let dir = fresh_dir(&cli.work_dir, "dispatcher")?;
+            let r = breakdown::floor(&dir, &bin_dir(cli), args, security(cli), quiet).await?;
+            print(cli, &r, r.table())
         }
         Cmd::Place(args) => {
             let dir = fresh_dir(&cli.work_dir, "dispatcher")?;

@@ -55,6 +55,21 @@ impl Dispatcher {
         extra: &[String],
         security: Security,
     ) -> anyhow::Result<Dispatcher> {
+        // Quiet by default; `DISPATCH_BENCH_REPLICA_LOG=info` to see why a run
+        // misbehaved (elections, slow storage).
+        let log = std::env::var("DISPATCH_BENCH_REPLICA_LOG").unwrap_or_else(|_| "warn".into());
+        Self::start_logged(work, bin_dir, members, extra, security, &log)
+    }
+
+    /// As [`Dispatcher::start`], with the replicas' log filter (`DISPATCHER_LOG`) given.
+    pub fn start_logged(
+        work: &Path,
+        bin_dir: &Path,
+        members: usize,
+        extra: &[String],
+        security: Security,
+        log: &str,
+    ) -> anyhow::Result<Dispatcher> {
         let program = bin_dir.join("dispatcher");
         anyhow::ensure!(
             program.is_file(),
@@ -116,11 +131,8 @@ impl Dispatcher {
             // recover and 1m workloads); the limits are not what they measure.
             args.extend(["--max-jobs".into(), "100000000".into()]);
             args.extend(extra.iter().cloned());
-            // Quiet by default; `DISPATCH_BENCH_REPLICA_LOG=info` to see why a run
-            // misbehaved (elections, slow storage).
-            let log = std::env::var("DISPATCH_BENCH_REPLICA_LOG").unwrap_or_else(|_| "warn".into());
             let mut node = Node::new(&format!("dispatcher-{}", i + 1), &program, args, work)
-                .env("DISPATCHER_LOG", &log);
+                .env("DISPATCHER_LOG", log);
             node.spawn()?;
             nodes.push(node);
             data_dirs.push(data);

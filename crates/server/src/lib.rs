@@ -35,5 +35,6 @@ pub mod metrics;
 pub mod raft;
 pub mod server;
 pub mod taskmanagers;
+pub mod timing;
 pub mod tls;
 pub mod watch;

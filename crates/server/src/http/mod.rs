@@ -162,7 +162,8 @@ pub async fn serve(
     let addr = tcp.local_addr().ok();
     tracing::info!(addr = ?addr, https = tls.is_some(), max_connections = max, "serving HTTP (Flink REST, /metrics, dashboard)");
     let local = addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let incoming = listener::incoming(tcp, max, listener::FIRST_BYTES_WITHIN);
+    // No close hook: HTTP clients are never peers, whose closes succession watches.
+    let incoming = listener::incoming(tcp, max, listener::FIRST_BYTES_WITHIN, None);
     let shutdown = async move {
         let _ = stopping.wait_for(|s| *s).await;
     };

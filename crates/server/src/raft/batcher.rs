@@ -56,8 +56,10 @@ impl Batcher {
         Self::spawn_with(move |command| {
             let raft = raft.clone();
             async move {
-                raft.client_write(command)
-                    .await
+                let started = std::time::Instant::now();
+                let written = raft.client_write(command).await;
+                crate::timing::since("raft_write", started);
+                written
                     .map(|r| (r.data, r.log_id.index))
                     .map_err(write_error)
             }
@@ -78,6 +80,7 @@ impl Batcher {
 
     /// Proposes `command` and waits until it is committed and applied here.
     pub async fn propose(&self, command: Command) -> Result<Outcome, WriteError> {
+        let started = std::time::Instant::now();
         let bytes = size_of_command(&command);
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -87,8 +90,11 @@ impl Batcher {
                 reply,
             })
             .map_err(|_| WriteError::Fatal("the proposal queue is closed".into()))?;
-        rx.await
-            .map_err(|_| WriteError::Fatal("the proposal was dropped (shutdown)".into()))?
+        let outcome = rx
+            .await
+            .map_err(|_| WriteError::Fatal("the proposal was dropped (shutdown)".into()))?;
+        crate::timing::since("propose", started);
+        outcome
     }
 }
 

@@ -140,8 +140,13 @@ impl PeerInbox {
         &self,
         req: AppendEntriesRequest<TypeConfig>,
     ) -> Answer<AppendEntriesResponse<NodeId>> {
+        let (started, entries) = (std::time::Instant::now(), req.entries.len());
         let inner = self.inner.clone();
-        detached(async move { inner.append_entries(req).await }).await
+        let answer = detached(async move { inner.append_entries(req).await }).await;
+        if entries > 0 {
+            crate::timing::entries_since("follower_append", entries, started);
+        }
+        answer
     }
 
     /// A Vote request from a peer.

@@ -36,6 +36,7 @@ use std::fs::File;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, LogState, RaftLogReader, StorageIOError, Vote};
@@ -44,6 +45,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::integrity::Corruption;
 use super::{LogId, NodeId, StorageError, TypeConfig};
+use crate::timing;
 use dispatcher_core::codec;
 
 type Entry = openraft::Entry<TypeConfig>;
@@ -169,6 +171,8 @@ enum Job {
     Flush {
         callback: LogFlushed<TypeConfig>,
         durable: bool,
+        /// When the append queued it (for `timing`).
+        queued: Instant,
     },
     /// Delete the entries up to this index, once the purge point recorded before is
     /// durable.
@@ -198,7 +202,11 @@ fn run_jobs(disk: &Arc<Disk>, jobs: Vec<Job>) {
     let mut waiting = Vec::new();
     for job in jobs {
         match job {
-            Job::Flush { callback, durable } => waiting.push((callback, durable)),
+            Job::Flush {
+                callback,
+                durable,
+                queued,
+            } => waiting.push((callback, durable, queued)),
             Job::Purge { upto, durable } => {
                 complete(disk, &mut waiting);
                 purge_upto(disk, upto, durable);
@@ -214,12 +222,15 @@ fn run_jobs(disk: &Arc<Disk>, jobs: Vec<Job>) {
 
 /// One sync for all the waiting appends, then their callbacks in order (a failed sync
 /// reaches openraft through them and stops its core).
-fn complete(disk: &Disk, waiting: &mut Vec<(LogFlushed<TypeConfig>, bool)>) {
+fn complete(disk: &Disk, waiting: &mut Vec<(LogFlushed<TypeConfig>, bool, Instant)>) {
     if waiting.is_empty() {
         return;
     }
-    let synced = disk.sync(waiting.iter().any(|(_, durable)| *durable));
-    for (callback, _) in waiting.drain(..) {
+    let started = Instant::now();
+    let synced = disk.sync(waiting.iter().any(|(_, durable, _)| *durable));
+    timing::entries_since("log_sync", waiting.len(), started);
+    for (callback, _, queued) in waiting.drain(..) {
+        timing::since("log_flushed", queued);
         let outcome = match &synced {
             Ok(()) => Ok(()),
             Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
@@ -700,9 +711,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let mut batch = sled::Batch::default();
+        let mut count = 0;
         for entry in entries {
+            count += 1;
             let bytes = codec::encode_checked(&entry)
                 .map_err(|e| io_err(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, e))?;
             batch.insert(&index_key(entry.log_id.index), bytes);
@@ -713,10 +726,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         crate::metrics::STORAGE
             .append
             .observe(started.elapsed().as_secs_f64());
+        timing::entries_since("log_write", count, started);
         // Entries are readable now; the flusher makes them durable, then calls back.
         let flush = Job::Flush {
             callback,
             durable: self.durability != Durability::FlushOnly,
+            queued: Instant::now(),
         };
         self.queue(flush, ErrorSubject::Logs)
     }

@@ -16,6 +16,7 @@ pub mod log_store;
 pub mod network;
 pub mod replica;
 pub mod sm_store;
+pub mod succession;
 
 use std::io::Cursor;
 

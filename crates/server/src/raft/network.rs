@@ -94,7 +94,12 @@ pub struct GrpcNetwork {
     in_flight: append::InFlights,
     config: NetworkConfig,
     identity: Option<ClusterIdentity>,
+    longer_log: LongerLog,
 }
+
+/// The highest term in which a vote of this replica was refused by a voter whose log is
+/// longer than its own (then that voter, not this one, can win: `super::succession`).
+pub type LongerLog = Arc<std::sync::atomic::AtomicU64>;
 
 /// The log state of every peer, shared by all clients (openraft makes a new client for
 /// every heartbeat and vote, so the state cannot live in one).
@@ -110,7 +115,13 @@ impl GrpcNetwork {
             in_flight: Arc::default(),
             config,
             identity: None,
+            longer_log: Arc::default(),
         }
+    }
+
+    /// Where vote answers showing a longer log than this replica's are recorded.
+    pub fn longer_log(&self) -> LongerLog {
+        self.longer_log.clone()
     }
 
     /// Sends this replica's cluster id with every message and checks the peers' ids in
@@ -156,6 +167,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             in_flight: self.in_flight.clone(),
             max_append_bytes: self.config.max_append_bytes,
             identity: self.identity.clone(),
+            longer_log: self.longer_log.clone(),
         }
     }
 }
@@ -173,6 +185,7 @@ pub struct PeerClient {
     in_flight: append::InFlights,
     max_append_bytes: usize,
     identity: Option<ClusterIdentity>,
+    longer_log: LongerLog,
 }
 
 /// The ways a call can fail before the peer's Raft answers. Each carries the error for
@@ -652,7 +665,10 @@ impl PeerClient {
         let last = rpc.entries.last().map(|e| e.log_id);
         let client = self.clone();
         let task = tokio::spawn(async move {
-            let answer = match client.call(RpcKind::Append, &rpc, timeout).await {
+            let started = Instant::now();
+            let called = client.call(RpcKind::Append, &rpc, timeout).await;
+            crate::timing::entries_since("append_entries", rpc.entries.len(), started);
+            let answer = match called {
                 Ok(Ok(resp)) => {
                     match client.vet(guard::check_append_entries_response(client.id, &rpc, &resp)) {
                         Ok(()) => Ok(Ok(resp)),
@@ -790,6 +806,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             Ok(Ok(resp)) => {
                 self.vet(guard::check_vote_response(&resp))
                     .map_err(RPCError::Network)?;
+                if resp.last_log_id > rpc.last_log_id {
+                    self.longer_log.fetch_max(
+                        rpc.vote.leader_id().term,
+                        std::sync::atomic::Ordering::AcqRel,
+                    );
+                }
                 Ok(resp)
             }
             Ok(Err(remote)) => Err(self.remote(remote)),

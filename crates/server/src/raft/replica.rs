@@ -19,8 +19,9 @@ use super::batcher::Batcher;
 use super::identity::{self, ClusterIdentity, Decision, IdentityError, InitialClusterState};
 use super::integrity;
 use super::log_store::{Identity, LogStore, OpenError};
-use super::network::{GrpcNetwork, NetworkConfig};
+use super::network::{GrpcNetwork, LongerLog, NetworkConfig};
 use super::sm_store::{SharedState, StateMachineStore};
+use super::succession::{self, Succession};
 use super::{Node, NodeId, Raft, RaftMetrics, TypeConfig};
 use dispatcher_core::state::{ClusterConfig, Command, Rejection, Response};
 
@@ -200,6 +201,8 @@ pub struct Replica {
     pub state: SharedState,
     /// The cluster id and the peers seen with data.
     pub identity: ClusterIdentity,
+    /// Acts when the leader's process is seen to die (see `succession`).
+    pub succession: Succession,
     log: LogStore,
     batcher: Batcher,
     barrier: Barrier,
@@ -247,7 +250,8 @@ impl Replica {
             },
         )
         .with_identity(identity.clone());
-        Self::start_inner(opts, network, identity, true).await
+        let longer_log = network.longer_log();
+        Self::start_inner(opts, network, identity, true, longer_log).await
     }
 
     /// As [`Replica::start`], with any network (the raft tests use an in-process one).
@@ -259,7 +263,7 @@ impl Replica {
         N: openraft::RaftNetworkFactory<TypeConfig>,
     {
         let identity = ClusterIdentity::load(&opts.data_dir)?;
-        Self::start_inner(opts, network, identity, false).await
+        Self::start_inner(opts, network, identity, false, LongerLog::default()).await
     }
 
     /// Starts the replica; `probe`: ask the peers of `initial_cluster` before an empty
@@ -269,6 +273,7 @@ impl Replica {
         network: N,
         identity: ClusterIdentity,
         probe: bool,
+        longer_log: LongerLog,
     ) -> Result<Replica, StartError>
     where
         N: openraft::RaftNetworkFactory<TypeConfig>,
@@ -294,11 +299,27 @@ impl Replica {
             .map_err(|e| StartError::Raft(e.to_string()))?;
         let batcher = Batcher::spawn(raft.clone());
         let barrier = Barrier::new(raft.clone());
+        let succession = {
+            let (overrides, metrics_of) = (opts.peer_addresses.clone(), raft.clone());
+            let resolve: succession::Resolve = Arc::new(move |id| {
+                overrides.get(&id).cloned().or_else(|| {
+                    let metrics = metrics_of.metrics();
+                    let m = metrics.borrow();
+                    m.membership_config
+                        .membership()
+                        .get_node(&id)
+                        .map(|n| n.addr.clone())
+                })
+            });
+            let heartbeat = Duration::from_millis(opts.raft.heartbeat_ms);
+            Succession::new(raft.clone(), opts.id, resolve, longer_log, heartbeat)
+        };
         let replica = Replica {
             id: opts.id,
             raft,
             state,
             identity: identity.clone(),
+            succession,
             log,
             batcher,
             barrier,

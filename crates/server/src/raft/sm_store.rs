@@ -402,6 +402,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
+        let started = std::time::Instant::now();
         let mut out = Vec::new();
         let (last, changed) = {
             let mut g = self.shared.write();
@@ -425,6 +426,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if let Some(l) = last {
             self.shared.publish(l.index);
         }
+        crate::timing::entries_since("apply", out.len(), started);
         Ok(out)
     }
 

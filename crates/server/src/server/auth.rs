@@ -69,9 +69,22 @@ pub struct Caller {
     /// The token is not known here yet (this replica may lag behind its creation): the
     /// call may only be forwarded, and the leader decides.
     deferred: bool,
+    /// The address the call came from (the far end of its connection).
+    remote: Option<std::net::SocketAddr>,
 }
 
 impl Caller {
+    /// The caller, as having called from `remote`.
+    pub fn from_address(mut self, remote: Option<std::net::SocketAddr>) -> Self {
+        self.remote = remote;
+        self
+    }
+
+    /// The address the call came from, when the transport told.
+    pub fn remote(&self) -> Option<std::net::SocketAddr> {
+        self.remote
+    }
+
     /// A caller with every right: for a cluster without tokens, and for tests.
     pub fn open() -> Self {
         Caller {

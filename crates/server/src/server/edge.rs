@@ -35,6 +35,7 @@ use super::status::{stamp_hint_term, ApiError, LEADER_ADDRESS_KEY};
 use crate::raft::error::WriteError;
 use crate::raft::replica::Replica;
 use crate::raft::NodeId;
+use crate::timing;
 use dispatcher_proto::v1 as pb;
 
 /// How long a request without a deadline waits for a leader to be elected (and a
@@ -240,8 +241,8 @@ impl Edge {
         L: FnOnce(Caller, Req) -> LF,
         LF: Future<Output = Result<Resp, ApiError>>,
     {
+        let started = std::time::Instant::now();
         let span = span(rpc, &request);
-        let started = Instant::now();
         let mut answer = async move {
             let deadline = Deadline::of(&request);
             let consistency = rpc.consistency.for_request(request.get_ref().stale());
@@ -254,6 +255,7 @@ impl Edge {
                         request.peer_certs(),
                         forwardable,
                     )
+                    .map(|caller| caller.from_address(request.remote_addr()))
                     .map_err(|e| {
                         tracing::info!(error = %e, "refused at the edge");
                         Status::from(e)
@@ -315,6 +317,7 @@ impl Edge {
         }
         .instrument(span)
         .await;
+        timing::rpc_since("edge", rpc.name, started);
         if rpc.name == "submit_job" {
             self.metrics
                 .submit_latency

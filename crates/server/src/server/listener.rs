@@ -75,6 +75,23 @@ pub struct Counted {
     silence: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Bytes read so far, counted until [`FIRST_BYTES`].
     seen: usize,
+    /// The far end, as accepted.
+    remote: Option<std::net::SocketAddr>,
+    /// Told the far end's address when the connection is dropped.
+    on_close: Option<OnClose>,
+}
+
+/// Called with a connection's remote address when the server drops it.
+pub type OnClose = Arc<dyn Fn(std::net::SocketAddr) + Send + Sync>;
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        // The address from accept: once the peer reset the connection, the socket no
+        // longer has one to ask for.
+        if let (Some(on_close), Some(remote)) = (&self.on_close, self.remote) {
+            on_close(remote);
+        }
+    }
 }
 
 impl Connected for Counted {
@@ -150,6 +167,7 @@ pub fn incoming(
     listener: TcpListener,
     max: usize,
     first_bytes_within: Duration,
+    on_close: Option<OnClose>,
 ) -> ReceiverStream<io::Result<Counted>> {
     let (tx, rx) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(max));
@@ -160,8 +178,8 @@ pub fn incoming(
                 a = listener.accept() => a,
                 _ = tx.closed() => return,
             };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
+            let (stream, remote) = match accepted {
+                Ok((stream, remote)) => (stream, remote),
                 Err(e) => {
                     // EMFILE/ENFILE and friends: the listener stays readable, so retrying
                     // at once would spin on the same error.
@@ -185,6 +203,8 @@ pub fn incoming(
                 _permit: permit,
                 silence: Some(Box::pin(tokio::time::sleep(first_bytes_within))),
                 seen: 0,
+                remote: Some(remote),
+                on_close: on_close.clone(),
             };
             if tx.send(Ok(conn)).await.is_err() {
                 return;
@@ -235,7 +255,7 @@ mod tests {
         use tokio_stream::StreamExt;
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let mut conns = incoming(listener, 2, FIRST_BYTES_WITHIN);
+        let mut conns = incoming(listener, 2, FIRST_BYTES_WITHIN, None);
         let _a = TcpStream::connect(addr).await.expect("connect a");
         let _b = TcpStream::connect(addr).await.expect("connect b");
         let first = conns.next().await.expect("a").expect("a ok");
@@ -264,7 +284,7 @@ mod tests {
         use tokio_stream::StreamExt;
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let mut conns = incoming(listener, 1, Duration::from_millis(200));
+        let mut conns = incoming(listener, 1, Duration::from_millis(200), None);
         let mut talker = TcpStream::connect(addr).await.expect("connect");
         let mut served = conns.next().await.expect("accepted").expect("ok");
         talker.write_all(&[7u8; FIRST_BYTES]).await.expect("write");

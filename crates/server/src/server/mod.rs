@@ -245,7 +245,14 @@ pub async fn serve(
     });
 
     let max_connections = listener::effective_max_connections(config.max_connections, fd_limit);
-    let incoming = listener::incoming(tcp, max_connections, listener::FIRST_BYTES_WITHIN);
+    let succession = replica.succession.clone();
+    let on_close: listener::OnClose = std::sync::Arc::new(move |remote| succession.closed(remote));
+    let incoming = listener::incoming(
+        tcp,
+        max_connections,
+        listener::FIRST_BYTES_WITHIN,
+        Some(on_close),
+    );
     let mut builder = Server::builder();
     if let Some(t) = &tls {
         builder = builder.tls_config(t.server.clone())?;

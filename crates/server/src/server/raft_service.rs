@@ -28,7 +28,9 @@ use dispatcher_core::codec;
 use dispatcher_proto::v1::raft_service_client::RaftServiceClient;
 use dispatcher_proto::v1::raft_service_server::RaftService;
 use dispatcher_proto::v1::{IdentifyRequest, IdentifyResponse, RaftMessage};
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
+};
 
 /// Serves the Raft RPCs of one replica.
 pub struct RaftServer {
@@ -124,7 +126,15 @@ impl RaftServer {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(message)?;
         caller.check_peer(sender(&rpc))?;
         self.check_cluster(sender(&rpc), &cluster_id, true)?;
-        reply(&self.inbox.append_entries(rpc).await?, self.ours())
+        let leader = sender(&rpc);
+        let answer = self.inbox.append_entries(rpc).await?;
+        if matches!(answer, Ok(AppendEntriesResponse::Success)) {
+            // Where the leader's messages come from (once openraft took them as the
+            // leader's): if that connection closes and the leader's port refuses, its
+            // process is gone (`raft::succession`).
+            self.edge.replica.succession.heard(leader, caller.remote());
+        }
+        reply(&answer, self.ours())
     }
 
     async fn vote(
