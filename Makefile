@@ -1,7 +1,7 @@
 # Everything a developer or CI runs. `make test` is the test command CI calls.
 CARGO ?= cargo
 
-.PHONY: all build cluster chaos chaos-smoke image compose-up compose-down compose-test k8s-validate python-deps test fmt fmt-check lint doc verify bench bench-bins bench-compare bench-1m clean
+.PHONY: all build cluster flink-cli-test dashboard-test chaos chaos-smoke image compose-up compose-down compose-test k8s-validate python-deps test fmt fmt-check lint doc verify bench bench-bins bench-compare bench-1m clean
 
 all: build
 
@@ -72,6 +72,21 @@ test: python-deps
 	$(CARGO) build --workspace --bins
 	DISPATCHER_PYTHON=$(CURDIR)/$(PYENV)/bin/python $(CARGO) test --workspace --all-targets
 	$(MAKE) chaos-smoke
+
+## Flink's own CLI (`flink list`, `flink cancel` from Apache Flink's distribution)
+## against live clusters' REST API (--http-listen; plain, then TLS with tokens), checked
+## with dispatchctl. Installs
+## a Java runtime from Debian's packages when missing and Flink from PyPI (target/flink-cli).
+flink-cli-test:
+	$(CARGO) build --bins -p dispatcher-server -p dispatcher-client
+	FLINK_TEST_BIN=$${CARGO_TARGET_DIR:-$(CURDIR)/target}/debug scripts/flink-cli-test.sh
+
+## The web dashboard in headless Chromium (Debian's package, installed when missing) driven
+## by Playwright for Python (target/dashboard-venv, PyPI) against a live secured cluster;
+## screenshots of every page in target/dashboard-screenshots/.
+dashboard-test:
+	$(CARGO) build --bins -p dispatcher-server -p dispatcher-client
+	DASHBOARD_TEST_BIN=$${CARGO_TARGET_DIR:-$(CURDIR)/target}/debug scripts/dashboard-test.sh
 
 fmt:
 	$(CARGO) fmt --all

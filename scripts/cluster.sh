@@ -30,6 +30,8 @@
 #
 # Environment (relative paths are taken from the directory the script is run in):
 #   CLUSTER_BASE_PORT      replica n listens on 127.0.0.1:BASE+n-1 (default 7001)
+#   CLUSTER_HTTP_BASE_PORT replica n serves HTTPS (Flink REST API, /metrics, dashboard)
+#                          on 127.0.0.1:BASE+n-1 (default 8081)
 #   CLUSTER_DATA           data directory (default ./data in the repository); the
 #                          certificates and tokens are in its certs/ subdirectory
 #   CLUSTER_BIN            directory holding dispatcher, taskmanager and dispatchctl; when set,
@@ -87,6 +89,12 @@ done
 replicas=(1 2 3)
 tms=(1 2)
 addr() { echo "127.0.0.1:$((base_port + $1 - 1))"; }
+http_base_port=${CLUSTER_HTTP_BASE_PORT:-8081}
+if ! [[ $http_base_port =~ ^[0-9]+$ ]] || ((http_base_port < 1 || http_base_port > 65533)); then
+    echo "cluster.sh: CLUSTER_HTTP_BASE_PORT=$http_base_port is not a port (1-65533)" >&2
+    exit 2
+fi
+http_addr() { echo "127.0.0.1:$((http_base_port + $1 - 1))"; }
 initial=""
 endpoints=""
 for id in "${replicas[@]}"; do
@@ -146,7 +154,7 @@ start() {
         local id=${name#replica }
         mkdir -p "$data/$id"
         "$bin/dispatcher" --id "$id" --listen "$(addr "$id")" --data-dir "$data/$id" \
-            --initial-cluster "$initial" \
+            --initial-cluster "$initial" --http-listen "$(http_addr "$id")" \
             --tls-cert "$certs/replica-$id.crt" --tls-key "$certs/replica-$id.key" \
             --tls-ca "$certs/ca.crt" --bootstrap-token-file "$certs/admin.token" \
             > >(sed -u "s/^/[replica $id] /") 2>&1 &
@@ -312,6 +320,7 @@ if ((base_port != 7001)); then
     echo "export DISPATCHCTL_ENDPOINTS=$endpoints"
 fi
 echo "export DISPATCHER_CA=$certs/ca.crt DISPATCHER_TOKEN_FILE=$certs/admin.token"
+say "dashboard: https://$(http_addr 1)/ (trust $certs/ca.crt; sign in with the token in $certs/admin.token)"
 
 while true; do
     dead=""

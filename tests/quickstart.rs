@@ -83,6 +83,8 @@ struct Supervisor {
     dir: tempfile::TempDir,
     log: PathBuf,
     endpoints: String,
+    /// Replica 1's HTTPS address (dashboard, REST, metrics).
+    http: String,
     /// The variables of the `export` line the script printed, once it has.
     exports: Vec<(String, String)>,
 }
@@ -96,11 +98,18 @@ impl Supervisor {
         bin("dispatchctl");
         let dir = tempfile::tempdir().expect("tempdir");
         let base = consecutive_free_ports();
+        let http_base = loop {
+            let p = consecutive_free_ports();
+            if p.abs_diff(base) > 2 {
+                break p;
+            }
+        };
         let log = dir.path().join("cluster.log");
         let out = File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
         let child = Command::new(repo_dir().join("scripts/cluster.sh"))
             .env("CLUSTER_BASE_PORT", base.to_string())
+            .env("CLUSTER_HTTP_BASE_PORT", http_base.to_string())
             .env("CLUSTER_DATA", dir.path().join("data"))
             .env("CLUSTER_BIN", bin_dir())
             .env_remove("DISPATCHER_LOG")
@@ -126,6 +135,7 @@ impl Supervisor {
                 .map(|p| format!("127.0.0.1:{p}"))
                 .collect::<Vec<_>>()
                 .join(","),
+            http: format!("127.0.0.1:{http_base}"),
             dir,
             exports: vec![],
         }
@@ -401,6 +411,25 @@ async fn the_readme_failover_demo_under_make_cluster() {
         (code == 0 && tms.as_array()?.len() == 2).then_some(())
     })
     .await;
+
+    // The dashboard and REST API the script announces, over HTTPS with the same CA and
+    // token.
+    let url = format!("https://{}/", s.http);
+    assert!(
+        s.supervisor_lines().contains(&url),
+        "the script names the dashboard:\n{}",
+        s.supervisor_lines()
+    );
+    let token = std::fs::read_to_string(certs.join("admin.token")).expect("admin token");
+    let overview = dispatcher_testkit::http::call(
+        "GET",
+        &format!("{url}overview"),
+        Some(token.trim()),
+        Some(&certs.join("ca.crt")),
+    )
+    .await;
+    assert_eq!(overview.status, 200, "{}", overview.body);
+    assert_eq!(overview.json()["taskmanagers"], 2);
 
     // Security is on: without the token the call is refused (exit 7), without the CA the
     // TLS port cannot be talked to; the TaskManagers registered with a `taskmanager`

@@ -329,6 +329,18 @@ pub fn job_summary(job: &Job, pending: Option<&PendingReason>) -> pb::JobSummary
             .count() as u32,
         restarts: job.restarts,
         pending_reason: pending.map(ToString::to_string).unwrap_or_default(),
+        updated_at_ms: job.updated_at,
+        finished_at_ms: job.finished_at.unwrap_or(0),
+        task_states: {
+            let mut counts: std::collections::BTreeMap<i32, u32> = Default::default();
+            for t in &job.tasks {
+                *counts.entry(task_state_to_pb(t.state) as i32).or_default() += 1;
+            }
+            counts
+                .into_iter()
+                .map(|(state, count)| pb::TaskStateCount { state, count })
+                .collect()
+        },
     }
 }
 

@@ -61,6 +61,8 @@ struct Memory {
 #[derive(Clone)]
 pub struct Liveness {
     memory: Arc<Mutex<Memory>>,
+    /// TaskManagers expired by this replica as leader (for metrics).
+    expired: Arc<std::sync::atomic::AtomicU64>,
     /// The settings.
     pub settings: LivenessSettings,
 }
@@ -70,6 +72,7 @@ impl Liveness {
     pub fn new(settings: LivenessSettings) -> Self {
         Liveness {
             memory: Arc::new(Mutex::new(Memory::default())),
+            expired: Arc::default(),
             settings,
         }
     }
@@ -83,6 +86,22 @@ impl Liveness {
         self.memory()
             .last_seen
             .insert(id.clone(), (instance.to_string(), Instant::now()));
+    }
+
+    /// Time since each TaskManager's last heartbeat, as this replica heard them while
+    /// leading (empty on a follower).
+    pub fn heartbeat_ages(&self) -> Vec<(String, Duration)> {
+        let now = Instant::now();
+        self.memory()
+            .last_seen
+            .iter()
+            .map(|(id, (_, at))| (id.0.clone(), now.saturating_duration_since(*at)))
+            .collect()
+    }
+
+    /// The counter of TaskManagers this replica expired as leader.
+    pub fn expired_counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.expired.clone()
     }
 
     /// Forgets a TaskManager (unregistered or expired).
@@ -172,7 +191,13 @@ pub async fn run(replica: Replica, liveness: Liveness) {
                 liveness.forget(id);
             }
             let name = cmd.name();
+            let expiry = matches!(cmd, Command::ExpireTaskManager { .. });
             match replica.propose(cmd).await {
+                Ok(Ok(_)) if expiry => {
+                    liveness
+                        .expired
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::debug!(command = name, error = %e, "leader duty not committed");

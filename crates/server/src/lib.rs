@@ -15,6 +15,9 @@
 //! - [`tls`]: the replica's TLS material and how it dials peers (`replica-<id>` names).
 //! - [`taskmanagers`]: the leader's side of the TaskManager protocol, in domain terms.
 //! - [`watch`]: job watches, from the applied state.
+//! - [`http`]: the HTTP listener (`--http-listen`): Flink's REST API, `/metrics` and the
+//!   dashboard, all through the gRPC services and so through the edge.
+//! - [`metrics`]: the Prometheus metrics the edge, the log store and scrapes fill.
 //! - [`error`]: what can go wrong serving a request.
 //! - [`memory`]: giving freed heap memory back to the system after a burst.
 //!
@@ -24,9 +27,11 @@
 #![deny(missing_docs)]
 
 pub mod error;
+pub mod http;
 pub mod leader;
 pub mod logging;
 pub mod memory;
+pub mod metrics;
 pub mod raft;
 pub mod server;
 pub mod taskmanagers;

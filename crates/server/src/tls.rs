@@ -131,3 +131,32 @@ pub fn peer_endpoint(id: NodeId, addr: &str, tls: Option<&PeerTls>) -> Result<En
         .tls_config(config)
         .map_err(|e| format!("TLS settings for replica {id}: {e}"))
 }
+
+/// The HTTPS configuration of the HTTP listener: the replica's own certificate and key,
+/// no client certificate asked for (browsers and Flink's CLI authenticate with tokens).
+pub fn http_server_config(
+    files: &TlsFiles,
+) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+    let cert = read(&files.cert)?;
+    let chain = CertificateDer::pem_slice_iter(&cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::File {
+            path: files.cert.clone(),
+            reason: format!("not a PEM certificate: {e}"),
+        })?;
+    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|e| TlsError::File {
+        path: files.key.clone(),
+        reason: format!("no usable PEM private key: {e}"),
+    })?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+        .map_err(|e| TlsError::File {
+            path: files.cert.clone(),
+            reason: format!("unusable for HTTPS: {e}"),
+        })?;
+    // axum serves HTTP/1.1 here (its http2 feature is off).
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(std::sync::Arc::new(config))
+}

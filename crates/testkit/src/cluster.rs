@@ -49,6 +49,8 @@ pub struct ProcCluster {
     pub extra_args: Vec<String>,
     /// The certificates and tokens, when the cluster is secured.
     pub security: Option<Security>,
+    /// Each replica's `--http-listen` address, when HTTP is on.
+    pub http: BTreeMap<u64, String>,
 }
 
 /// Where a secured cluster's certificates and tokens are.
@@ -111,6 +113,22 @@ impl ProcCluster {
         Self::start_inner(n, flags, &[], false)
     }
 
+    /// Starts `n` replicas that also serve HTTP (`--http-listen` on a port of their
+    /// own, see [`Self::http`]): HTTPS with tokens when `secure`, plain otherwise.
+    pub fn start_http(n: u64, secure: bool) -> ProcCluster {
+        Self::start_full(n, &[], &[], secure, true)
+    }
+
+    /// The base URL of replica `id`'s HTTP listener (`http://` or `https://`).
+    pub fn http_url(&self, id: u64) -> String {
+        let scheme = if self.security.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.http.get(&id).expect("HTTP is on"))
+    }
+
     /// [`Self::start_custom`] in plain text without tokens.
     pub fn start_plain_custom(n: u64, flags: &[&str], first_only: &[&str]) -> ProcCluster {
         Self::start_inner(n, flags, first_only, false)
@@ -122,6 +140,16 @@ impl ProcCluster {
     }
 
     fn start_inner(n: u64, flags: &[&str], first_only: &[&str], secure: bool) -> ProcCluster {
+        Self::start_full(n, flags, first_only, secure, false)
+    }
+
+    fn start_full(
+        n: u64,
+        flags: &[&str],
+        first_only: &[&str],
+        secure: bool,
+        http: bool,
+    ) -> ProcCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let security = secure.then(|| {
             let certs = dir.path().join("certs");
@@ -134,7 +162,8 @@ impl ProcCluster {
             .expect("development certificates");
             Security { dir: certs }
         });
-        let ports = free_ports(n as usize).expect("free loopback ports");
+        let ports = free_ports(if http { 2 * n as usize } else { n as usize })
+            .expect("free loopback ports");
         let initial = (1..=n)
             .map(|id| format!("{id}=127.0.0.1:{}", ports[(id - 1) as usize]))
             .collect::<Vec<_>>()
@@ -147,6 +176,13 @@ impl ProcCluster {
             extra_args: flags.iter().map(|s| s.to_string()).collect(),
             dir,
             security,
+            http: if http {
+                (1..=n)
+                    .map(|id| (id, format!("127.0.0.1:{}", ports[(n + id - 1) as usize])))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            },
         };
         for id in 1..=n {
             let addr = format!("127.0.0.1:{}", ports[(id - 1) as usize]);
@@ -242,6 +278,9 @@ impl ProcCluster {
                 "--bootstrap-token-file".into(),
                 file("admin.token".into()),
             ]);
+        }
+        if let Some(http) = self.http.get(&id) {
+            extra.extend(["--http-listen".into(), http.clone()]);
         }
         let p = self.procs.get_mut(&id).expect("known replica");
         let log = std::fs::OpenOptions::new()

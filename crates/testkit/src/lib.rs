@@ -9,10 +9,12 @@
 //!   killpg(2), never through the `kill` program; killing and reaping a child.
 //! - [`spec`]: job-spec builders, so no test writes the proto messages by hand.
 //! - [`cluster`]: a cluster of real `dispatcher` and `taskmanager` processes.
+//! - [`http`]: calls to a replica's HTTP listener (plain or HTTPS with the cluster's CA).
 //!
 //! Must never be a dependency of a shipped crate.
 
 pub mod cluster;
+pub mod http;
 pub mod signal;
 pub mod spec;
 

@@ -4,12 +4,14 @@
 //! flags, 1 if the agent cannot run.
 
 use clap::Parser;
-use dispatcher_client::taskmanager::Args;
+use dispatcher_client::taskmanager::{Args, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() {
-    let config = match Args::parse().into_config() {
+    let args = Args::parse();
+    let log_format = args.log_format;
+    let config = match args.into_config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("taskmanager: {e}");
@@ -18,11 +20,13 @@ async fn main() {
     };
     let filter = EnvFilter::try_from_env("TASKMANAGER_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,tower=warn"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour())
-        .init();
+        .with_writer(std::io::stderr);
+    match log_format {
+        LogFormat::Text => logs.with_ansi(colour()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
     tracing::info!(
         id = %config.id,
         slots = config.slots,

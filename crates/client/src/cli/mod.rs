@@ -580,12 +580,29 @@ async fn job(client: &Client, out: &Output, cmd: JobCmd) -> Result<u8, Failure> 
         JobCmd::Watch { id } => {
             let mut events = client.watch_job(&id);
             let mut last: Option<pb::JobStatus> = None;
+            // On a terminal, a table watch is a live progress bar; in a pipe or a file,
+            // one plain line per event.
+            let mut bar = out.watch_bar();
             while let Some(ev) = events.next().await {
-                let ev = ev?;
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        if let Some(b) = bar.as_mut() {
+                            b.abandon();
+                        }
+                        return Err(e.into());
+                    }
+                };
                 if let Some(job) = ev.job.clone() {
-                    out.event(&ev, &job, last.as_ref());
+                    match bar.as_mut() {
+                        Some(b) => b.update(&job, last.as_ref()),
+                        None => out.event(&ev, &job, last.as_ref()),
+                    }
                     last = Some(job);
                 }
+            }
+            if let (Some(b), Some(job)) = (bar.as_mut(), last.as_ref()) {
+                b.finish(job);
             }
             Ok(
                 match last.and_then(|j| pb::JobState::try_from(j.state).ok()) {

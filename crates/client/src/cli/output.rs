@@ -68,6 +68,88 @@ pub fn new_failure<'a>(previous: Option<&pb::JobStatus>, j: &'a pb::JobStatus) -
     (previous.and_then(current_failure) != Some(now)).then_some(now)
 }
 
+/// `job watch` on a terminal: one bar of the job's tasks that are up (RUNNING or
+/// FINISHED) out of all, the job's state before it and the tasks by state after it;
+/// failures print above the bar as they happen.
+pub struct WatchBar {
+    bar: indicatif::ProgressBar,
+    /// Redrawing on its own (from the first event on).
+    ticking: bool,
+}
+
+/// Task states in the order the bar's summary names them.
+const BAR_STATES: [(pb::TaskState, &str); 6] = [
+    (pb::TaskState::Running, "running"),
+    (pb::TaskState::Finished, "finished"),
+    (pb::TaskState::Deploying, "deploying"),
+    (pb::TaskState::Scheduled, "scheduled"),
+    (pb::TaskState::Canceled, "canceled"),
+    (pb::TaskState::Failed, "failed"),
+];
+
+impl WatchBar {
+    fn new() -> Self {
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(1),
+            indicatif::ProgressDrawTarget::stdout(),
+        );
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix:>10.bold} [{bar:30.green/white}] {pos}/{len} tasks up  {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        bar.set_style(style);
+        WatchBar {
+            bar,
+            ticking: false,
+        }
+    }
+
+    /// Shows the job as of one event.
+    pub fn update(&mut self, j: &pb::JobStatus, previous: Option<&pb::JobStatus>) {
+        let count = |s: pb::TaskState| j.tasks.iter().filter(|t| t.state == s as i32).count();
+        let up = count(pb::TaskState::Running) + count(pb::TaskState::Finished);
+        let mut parts: Vec<String> = BAR_STATES
+            .iter()
+            .map(|(s, name)| (count(*s), name))
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, name)| format!("{n} {name}"))
+            .collect();
+        if j.restarts > 0 {
+            parts.push(format!("{} restarts", j.restarts));
+        }
+        if !j.pending_reason.is_empty() {
+            parts.push(format!("pending: {}", j.pending_reason));
+        }
+        if let Some(f) = new_failure(previous, j) {
+            self.bar.println(format!("failure: {f}"));
+        }
+        // Text first: a redraw comes with the position, and draws are rate-limited.
+        self.bar.set_prefix(job_state(j.state));
+        self.bar.set_message(parts.join(" · "));
+        self.bar.set_length(j.tasks.len() as u64);
+        self.bar.set_position(up as u64);
+        if !self.ticking {
+            // Redraws between events too, so that the last change is never left
+            // undrawn by the rate limit.
+            self.bar
+                .enable_steady_tick(std::time::Duration::from_millis(250));
+            self.ticking = true;
+        }
+    }
+
+    /// Leaves the bar with the job's last state on the screen.
+    pub fn finish(&mut self, j: &pb::JobStatus) {
+        self.update(j, Some(j));
+        self.bar.finish();
+    }
+
+    /// Leaves the bar as it was (the watch failed; the error follows).
+    pub fn abandon(&mut self) {
+        self.bar.abandon();
+    }
+}
+
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(NOTHING)
@@ -219,6 +301,13 @@ impl Output {
             Format::Table => println!("{} {}", j.job_id, job_state(j.state)),
             Format::Json => print_json(&json!({"job_id": j.job_id, "state": job_state(j.state)})),
         }
+    }
+
+    /// For `job watch` in table format on a terminal: a live progress bar instead of
+    /// lines (`None` in a pipe, a file, or JSON).
+    pub fn watch_bar(&self) -> Option<WatchBar> {
+        use std::io::IsTerminal;
+        (self.format == Format::Table && std::io::stdout().is_terminal()).then(WatchBar::new)
     }
 
     /// One WatchJob event; `previous` is the status the last event printed.

@@ -40,6 +40,15 @@ use retention::Retention;
 use runner::{AttemptKey, Exit, Outcome, Running, Work};
 use sandbox::{Sandbox, SandboxArgs};
 
+/// How the agent writes its log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// Flags of the `taskmanager` binary (also `TASKMANAGER_*` environment variables).
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -48,6 +57,10 @@ use sandbox::{Sandbox, SandboxArgs};
     about = "A dispatcher TaskManager: runs the tasks the leader assigns"
 )]
 pub struct Args {
+    /// Log format: `text` (plain lines; colour only on a terminal) or `json` (one
+    /// object per line).
+    #[arg(long, env = "TASKMANAGER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// This TaskManager's id (stable across restarts).
     #[arg(long, env = "TASKMANAGER_ID")]
     pub id: String,

@@ -152,12 +152,16 @@ impl Disk {
     /// sled flush, then (when `durable`) fdatasync of new blob files and the data file.
     /// Blocking.
     fn sync(&self, durable: bool) -> std::io::Result<()> {
+        let started = std::time::Instant::now();
         self.db.flush().map_err(std::io::Error::other)?;
-        if !durable {
-            return Ok(());
+        if durable {
+            sync_new_blobs(&self.blobs, &self.synced_blobs)?;
+            self.data_file.sync_data()?;
         }
-        sync_new_blobs(&self.blobs, &self.synced_blobs)?;
-        self.data_file.sync_data()
+        crate::metrics::STORAGE
+            .sync
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
     }
 }
 
@@ -719,6 +723,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        crate::metrics::STORAGE
+            .append
+            .observe(started.elapsed().as_secs_f64());
         timing::entries_since("log_write", count, started);
         // Entries are readable now; the flusher makes them durable, then calls back.
         let flush = Job::Flush {

@@ -74,6 +74,11 @@ pub struct Args {
     /// Address to listen on for gRPC (clients, TaskManagers and peers).
     #[arg(long, env = "DISPATCHER_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Address to serve HTTP on: Flink's REST API, Prometheus `/metrics` and the
+    /// dashboard at `/` (off by default). HTTPS with this replica's certificate when TLS
+    /// is configured; the same tokens and roles as gRPC.
+    #[arg(long, env = "DISPATCHER_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// Address peers and clients reach this replica at (default: its --initial-cluster
     /// entry, else --listen).
     #[arg(long, env = "DISPATCHER_ADVERTISE")]
@@ -188,6 +193,7 @@ pub struct Args {
 struct FileConfig {
     id: Option<NodeId>,
     listen: Option<SocketAddr>,
+    http_listen: Option<SocketAddr>,
     advertise: Option<String>,
     data_dir: Option<PathBuf>,
     initial_cluster: Option<String>,
@@ -223,6 +229,8 @@ pub struct ServerConfig {
     pub id: NodeId,
     /// Listen address.
     pub listen: SocketAddr,
+    /// HTTP listen address (REST, metrics, dashboard), when enabled.
+    pub http_listen: Option<SocketAddr>,
     /// Address others reach this replica at.
     pub advertise: String,
     /// Data directory.
@@ -386,6 +394,7 @@ impl Args {
         let config = ServerConfig {
             id,
             listen,
+            http_listen: self.http_listen.or(file.http_listen),
             advertise,
             data_dir,
             initial_cluster,
@@ -520,6 +529,22 @@ impl ServerConfig {
                 ),
             ));
         }
+        if let Some(http) = self.http_listen {
+            if !http.ip().is_loopback() && self.tls.is_none() && !self.insecure {
+                return Err(invalid(
+                    "--http-listen",
+                    format!(
+                        "{http} is reachable from other hosts, and without TLS its tokens travel in clear text: configure TLS (--tls-cert, --tls-key, --tls-ca), or --insecure to accept the risk"
+                    ),
+                ));
+            }
+            if http == self.listen {
+                return Err(invalid(
+                    "--http-listen",
+                    "must differ from --listen (gRPC keeps its own port)",
+                ));
+            }
+        }
         if !self.initial_cluster.is_empty() && !self.initial_cluster.contains_key(&self.id) {
             return Err(invalid(
                 "--initial-cluster",
@@ -637,6 +662,39 @@ mod tests {
         assert_eq!(c.advertise, "127.0.0.1:7001");
         assert_eq!(c.raft, RaftSettings::default());
         assert_eq!(c.watch, crate::watch::Limits::default());
+    }
+
+    #[test]
+    fn http_is_off_by_default_and_guarded_like_grpc() {
+        assert_eq!(args().into_config().expect("valid").http_listen, None);
+        let on = Args {
+            http_listen: Some("127.0.0.1:8081".parse().expect("addr")),
+            ..args()
+        };
+        assert_eq!(
+            on.into_config().expect("valid").http_listen,
+            Some("127.0.0.1:8081".parse().expect("addr"))
+        );
+        let msg = |a: Args| a.into_config().expect_err("invalid").to_string();
+        let m = msg(Args {
+            http_listen: Some("0.0.0.0:8081".parse().expect("addr")),
+            ..args()
+        });
+        assert!(m.contains("--http-listen") && m.contains("TLS"), "{m}");
+        let m = msg(Args {
+            http_listen: Some("127.0.0.1:7001".parse().expect("addr")),
+            ..args()
+        });
+        assert!(m.contains("--http-listen") && m.contains("--listen"), "{m}");
+        let open = Args {
+            http_listen: Some("0.0.0.0:8081".parse().expect("addr")),
+            insecure: true,
+            ..args()
+        };
+        assert!(
+            open.into_config().is_ok(),
+            "--insecure allows it, as for --listen"
+        );
     }
 
     #[test]

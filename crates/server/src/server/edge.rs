@@ -219,6 +219,8 @@ pub struct Edge {
     pub forwarder: Forwarder,
     /// Who may call.
     pub auth: Authenticator,
+    /// What the edge counts: rejections, forwards, submission latency.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl Edge {
@@ -265,6 +267,7 @@ impl Edge {
                     .forward_or_local(&request, &caller, forward, deadline)
                     .await?
                 {
+                    self.metrics.forward(rpc.name);
                     return Ok(answer);
                 }
                 // A leader elected a moment ago may not have applied everything committed
@@ -315,6 +318,14 @@ impl Edge {
         .instrument(span)
         .await;
         timing::rpc_since("edge", rpc.name, started);
+        if rpc.name == "submit_job" {
+            self.metrics
+                .submit_latency
+                .observe(started.elapsed().as_secs_f64());
+        }
+        if let Err(status) = &answer {
+            self.metrics.reject(rpc.name, status.code());
+        }
         // Any answer naming a leader says in which term (clients ignore older ones).
         let metadata = match &mut answer {
             Ok(resp) => resp.metadata_mut(),

@@ -70,6 +70,11 @@ impl JobServer {
         }
     }
 
+    /// Jobs watched and open watch streams on this replica (for metrics).
+    pub fn watch_counts(&self) -> (usize, usize) {
+        self.watches.counts()
+    }
+
     /// The job's status, its env values redacted unless `secrets`.
     fn status_of(&self, id: &state::JobId, secrets: bool) -> Result<pb::JobStatus, ApiError> {
         let g = self.edge.replica.state.read();

@@ -62,6 +62,9 @@ pub enum ServerError {
     /// The TLS files are unusable.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The HTTP listener could not start.
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpStartError),
     /// Reflection could not be set up (a build problem).
     #[error("reflection: {0}")]
     Reflection(String),
@@ -111,6 +114,15 @@ pub async fn serve(
         None => None,
     };
     let tls = config.tls.as_ref().map(crate::tls::load).transpose()?;
+    let http_tls = match (&config.tls, config.http_listen) {
+        (Some(files), Some(_)) => Some(crate::tls::http_server_config(files)?),
+        _ => None,
+    };
+    // Bound before Raft starts, so that a taken port fails the start at once.
+    let http_listener = match config.http_listen {
+        Some(addr) => Some(crate::http::bind(addr).await?),
+        None => None,
+    };
     if config.insecure {
         tracing::warn!(
             listen = %config.listen,
@@ -171,6 +183,11 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    tokio::spawn(crate::metrics::count_leader_changes(
+        replica.clone(),
+        metrics.clone(),
+    ));
     let edge = edge::Edge {
         replica: replica.clone(),
         forwarder: match &tls {
@@ -184,24 +201,48 @@ pub async fn serve(
             tls.is_some() || config.bootstrap_token_hash.is_some(),
             tls.is_some(),
         ),
+        metrics: metrics.clone(),
     };
     let raft_service = RaftServiceServer::new(raft_service::RaftServer::new(edge.clone()))
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
         .max_encoding_message_size(MAX_RAFT_MESSAGE);
-    let cluster_service =
-        ClusterServiceServer::new(cluster_service::ClusterServer::new(edge.clone()));
+    let cluster_server = std::sync::Arc::new(cluster_service::ClusterServer::new(edge.clone()));
+    let cluster_service = ClusterServiceServer::from_arc(cluster_server.clone());
     let liveness = crate::leader::Liveness::new(config.liveness.clone());
     let duties = tokio::spawn(crate::leader::run(replica.clone(), liveness.clone()));
-    let task_managers = TaskManagerServiceServer::new(taskmanager_service::TaskManagerServer::new(
+    let tm_server = std::sync::Arc::new(taskmanager_service::TaskManagerServer::new(
         edge.clone(),
-        crate::taskmanagers::TaskManagers::new(replica.clone(), liveness),
+        crate::taskmanagers::TaskManagers::new(replica.clone(), liveness.clone()),
     ));
+    let task_managers = TaskManagerServiceServer::from_arc(tm_server.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let jobs = JobServiceServer::new(job_service::JobServer::new(
-        edge,
+    let job_server = std::sync::Arc::new(job_service::JobServer::new(
+        edge.clone(),
         stop_rx.clone(),
         config.watch.clone(),
     ));
+    let jobs = JobServiceServer::from_arc(job_server.clone());
+    // HTTP calls the same service implementations, so every route passes the edge.
+    let http_task = http_listener.map(|listener| {
+        let router = crate::http::router(crate::http::Services {
+            jobs: job_server,
+            task_managers: tm_server,
+            cluster: cluster_server,
+            edge,
+            liveness,
+            metrics,
+        });
+        tokio::spawn(crate::http::serve(
+            listener,
+            crate::http::MAX_HTTP_CONNECTIONS.min(listener::effective_max_connections(
+                config.max_connections,
+                fd_limit,
+            )),
+            router,
+            http_tls,
+            stop_rx.clone(),
+        ))
+    });
 
     let max_connections = listener::effective_max_connections(config.max_connections, fd_limit);
     let succession = replica.succession.clone();
@@ -254,6 +295,9 @@ pub async fn serve(
     tracing::info!(id = config.id, "shutting down");
     health_task.abort();
     duties.abort();
+    if let Some(task) = http_task {
+        task.abort();
+    }
     if tokio::time::timeout(RAFT_STOP, replica.shutdown())
         .await
         .is_err()

@@ -84,6 +84,12 @@ pub struct StateView {
 }
 
 impl StateView {
+    /// The jobs of the view, in id order: for readers that walk every job off the state
+    /// lock (metrics).
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
+    }
+
     /// The canonical encoding of the state the view was taken of (see
     /// [`DispatcherState::encode`]).
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
