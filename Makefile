@@ -78,14 +78,14 @@ test: python-deps
 ## with dispatchctl. Installs
 ## a Java runtime from Debian's packages when missing and Flink from PyPI (target/flink-cli).
 flink-cli-test:
-	$(CARGO) build --bins -p dispatcher-server -p dispatcher-client
+	$(CARGO) build --workspace --bins
 	FLINK_TEST_BIN=$${CARGO_TARGET_DIR:-$(CURDIR)/target}/debug scripts/flink-cli-test.sh
 
 ## The web dashboard in headless Chromium (Debian's package, installed when missing) driven
 ## by Playwright for Python (target/dashboard-venv, PyPI) against a live secured cluster;
 ## screenshots of every page in target/dashboard-screenshots/.
 dashboard-test:
-	$(CARGO) build --bins -p dispatcher-server -p dispatcher-client
+	$(CARGO) build --workspace --bins
 	DASHBOARD_TEST_BIN=$${CARGO_TARGET_DIR:-$(CURDIR)/target}/debug scripts/dashboard-test.sh
 
 fmt:
