@@ -189,7 +189,11 @@ impl Cluster {
         }
     }
 
-    /// Starts the stopped replica `id` from its data.
+    /// Starts the stopped replica `id` from its data, once it answers. The stopped
+    /// instance lives in this process: its last connection tasks may still hold its
+    /// storage open for a moment after it stopped (a process that exits has no such
+    /// moment), and a start in that moment fails to open the data directory: then it is
+    /// started again.
     async fn start_one(&mut self, id: NodeId) {
         let (initial, tune) = (self.initial.clone(), self.tune);
         let r = self
@@ -197,10 +201,36 @@ impl Cluster {
             .iter_mut()
             .find(|r| r.id == id)
             .expect("a member");
-        let listener = TcpListener::bind(r.addr).await.expect("rebind");
-        let (stop, task) = start_replica(id, listener, &initial, &r.dir, tune);
-        r.stop = Some(stop);
-        r.task = Some(task);
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let listener = TcpListener::bind(r.addr).await.expect("rebind");
+            let (stop, task) = start_replica(id, listener, &initial, &r.dir, tune);
+            let started = loop {
+                if status(r.addr).await.is_some() {
+                    break true;
+                }
+                if task.is_finished() {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            match started {
+                true => {
+                    r.stop = Some(stop);
+                    r.task = Some(task);
+                    return;
+                }
+                false => {
+                    let outcome = task.await.map(|r| r.err());
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "replica {id} did not start again: {outcome:?}"
+                    );
+                    println!("replica {id} did not start yet ({outcome:?}); again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
     }
 
     /// Stops replica `id` until the others elect a leader, then starts it again: a new

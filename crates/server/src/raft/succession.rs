@@ -252,6 +252,7 @@ impl Inner {
         };
         tracing::info!(
             leader,
+            %addr,
             "the leader's port refuses connections: its process is gone; standing for election"
         );
         tokio::time::sleep(first).await;
