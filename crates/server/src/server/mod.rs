@@ -260,6 +260,12 @@ pub async fn serve(
     let result = builder
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(config.max_streams_per_connection))
+        // h2 closes a connection whose client reset more than this many streams it had
+        // not yet accepted (rapid-reset protection; hyper's default is 20). One
+        // connection carries the heartbeats of thousands of TaskManagers, and a burst of
+        // their timed-out calls crossed 20 and failed every heartbeat on it at once
+        // (`make bench-1m`). A client may reset as many streams as it may open.
+        .http2_max_pending_accept_reset_streams(Some(config.max_streams_per_connection as usize))
         // Inside tonic's deadline timer: the edge counts the caller's deadline from here.
         .layer(tonic::service::InterceptorLayer::new(edge::stamp_arrival))
         .add_service(health_service)
