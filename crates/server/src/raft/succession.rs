@@ -104,13 +104,12 @@ pub fn first_stand(local: NodeId, dead: NodeId, voters: &BTreeSet<NodeId>) -> Op
         .iter()
         .filter(|v| **v != dead)
         .position(|v| *v == local)?;
-    Some(STAGGER * u32::try_from(rank).unwrap_or(u32::MAX))
+    Some(STAGGER.saturating_mul(u32::try_from(rank).unwrap_or(u32::MAX)))
 }
 
 impl Succession {
     /// The succession of replica `local`, dialing members at the addresses `resolve`
-    /// gives.
-    /// Starts the silence watch, which looks every `heartbeat`.
+    /// gives; starts the silence watch, which looks every `heartbeat`.
     pub fn new(
         raft: Raft,
         local: NodeId,
